@@ -1,0 +1,50 @@
+"""Tiny PiD networks for tests: released structures at toy widths, with seeded random weights.
+
+The widths match the reference runner's "tiny" settings, so golden files made by it load here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+
+from pid_core.config import NetworkConfig, released
+from pid_core.network import PiDNetwork
+
+TINY_WIDTHS = dict(
+    hidden_size=64,
+    num_heads=4,
+    patch_depth=4,
+    pixel_hidden_size=8,
+    pixel_attn_hidden_size=32,
+    pixel_num_heads=2,
+    txt_embed_dim=32,
+    lq_hidden_dim=32,
+)
+
+
+def tiny_config(name: str) -> NetworkConfig:
+    return replace(released(name).network, **TINY_WIDTHS)
+
+
+def randomize_(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Weights that keep activations O(1), so attention, RoPE and gates are really exercised."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if p.ndim >= 2:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
+            elif name.endswith("log_alpha"):
+                p.copy_(math.log(5) + 0.1 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("bias"):
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+    return net
+
+
+def tiny_network(name: str, seed: int = 0) -> PiDNetwork:
+    return randomize_(PiDNetwork(tiny_config(name)), seed).eval()
