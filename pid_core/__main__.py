@@ -1,0 +1,109 @@
+"""Command line: ``python -m pid_core info CHECKPOINT`` and ``python -m pid_core decode CHECKPOINT LATENT ...``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from .api import PRECISIONS, PiDDecoder
+from .checkpoint import load_checkpoint
+from .config import LatentSpace
+from .sampler import MAX_STEPS, SCHEDULES
+from .tensor_files import read_caption_file, read_latent_file, write_image
+
+
+def _info(args: argparse.Namespace) -> None:
+    info = load_checkpoint(args.checkpoint, args.space, args.training).info
+    if args.json:
+        print(json.dumps(info.to_json(), indent=2))
+        return
+    facts = info.to_json()
+    space = facts["latent_space"] or f"undecided ({'/'.join(facts['latent_space_candidates'])}; pass --space)"
+    rows = [
+        ("file", info.path),
+        ("format", info.file_format),
+        ("version", info.version),
+        ("latent space", space),
+        ("latent channels", info.config.latent_channels),
+        ("upscale", f"{info.config.sr_scale}x"),
+        ("training", info.training),
+        ("released as", info.released or "-"),
+        ("parameters", f"{info.parameters:,}"),
+        ("stored as", info.storage_dtype),
+        ("detected", ", ".join(info.detected)),
+        ("assumed", ", ".join(info.assumed) or "-"),
+    ]
+    for key, value in rows:
+        print(f"{key:>16}: {value}")
+
+
+def _decode(args: argparse.Namespace) -> None:
+    decoder = PiDDecoder.load(args.checkpoint, args.space, args.training, args.precision)
+    latent = read_latent_file(args.latent)
+    caption = read_caption_file(args.caption_embedding) if args.caption_embedding else None
+    size = args.size if args.size == "native" else int(args.size)
+    started = time.monotonic()
+
+    def progress(step: int, total: int, _x0: torch.Tensor) -> None:
+        print(f"step {step + 1}/{total}  {time.monotonic() - started:.1f}s", file=sys.stderr, flush=True)
+
+    image = decoder.decode(
+        latent, sigma=args.sigma, caption=caption, size=size, steps=args.steps, seed=args.seed, callback=progress
+    )
+    for path in write_image(image, args.out):
+        print(path)
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="python -m pid_core", description="PiD pixel diffusion decoder.")
+    commands = root.add_subparsers(dest="command", required=True)
+
+    def checkpoint_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("checkpoint", help="PiD checkpoint: official .pth, .safetensors or Comfy-Org repack")
+        p.add_argument("--space", choices=LatentSpace.names(), help="latent space, when the weights cannot tell")
+        p.add_argument("--training", choices=("2k", "2kto4k"), help="training resolution, when the path cannot tell")
+
+    info = commands.add_parser("info", help="what a checkpoint is")
+    checkpoint_args(info)
+    info.add_argument("--json", action="store_true", help="machine-readable output (keys documented in the README)")
+    info.set_defaults(run=_info)
+
+    dec = commands.add_parser("decode", help="decode a latent to a picture")
+    checkpoint_args(dec)
+    dec.add_argument("latent", help="ComfyUI .latent file, or a .safetensors file holding one latent tensor")
+    dec.add_argument("--sigma", type=float, default=0.0, help="PiD degrade sigma of the latent in [0, 1] (0 = clean)")
+    dec.add_argument("--out", required=True, help="OUT.png (8-bit picture) or OUT.safetensors (float image in [-1, 1])")
+    dec.add_argument("--size", default="native", choices=("native", "2048", "4096"), help="native 4x, or a long side")
+    dec.add_argument("--steps", type=int, default=4, choices=range(1, MAX_STEPS + 1), metavar=f"1..{MAX_STEPS}")
+    dec.add_argument("--seed", type=int, default=0)
+    dec.add_argument("--caption-embedding", help="safetensors file with a [B, 300, 2304] caption embedding")
+    dec.add_argument("--precision", choices=tuple(PRECISIONS), default="bf16", help="weights in bf16 or exact fp32")
+    dec.add_argument(
+        "--schedule", choices=SCHEDULES, default="spread",
+        help="timesteps for 5-8 steps: 'spread' (default) interpolates distinct ones, 'reference' repeats some as the "
+        "official code does; identical for 1-4 steps",
+    )
+    dec.set_defaults(run=_decode)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    warnings.simplefilter("always")
+    warnings.showwarning = lambda message, *_a, **_k: print(f"warning: {message}", file=sys.stderr)
+    try:
+        args.run(args)
+    except (ValueError, OSError) as err:  # CheckpointError is a ValueError; every message is one sentence
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

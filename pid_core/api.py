@@ -1,0 +1,174 @@
+"""The public API: load a PiD decoder, decode a latent.
+
+    decoder = PiDDecoder.load("model_ema_bf16.pth", space="flux")
+    image = decoder.decode(latent, sigma=0.25, size=2048, seed=0)   # [B, 3, H, W] in [-1, 1]
+
+``latent`` follows ComfyUI's convention (see ``pid_core.latents``) and ``sigma`` is PiD's degrade sigma.
+The free function :func:`decode` does the same for a network the caller placed itself (the ComfyUI
+nodes hand in the network their model management loaded).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, CheckpointInfo, LoadedCheckpoint, check_keys, load_checkpoint
+from .config import LatentSpace
+from .latents import SigmaLike, sigma_tensor, to_network_latent
+from .network import PiDNetwork
+from .sampler import sample
+from .sizes import SizeLike, output_size, training_range_warning
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
+StepCallback = Callable[[int, int, torch.Tensor], None]
+
+
+def build_network(
+    loaded: LoadedCheckpoint,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    operations=None,
+) -> PiDNetwork:
+    """The network of a loaded checkpoint with its weights, stored in ``dtype`` on ``device``.
+
+    The module is built on the meta device and takes the checkpoint's tensors as they are, so no second
+    copy of the 2.7 GB of weights is ever allocated. ``operations`` replaces the layer classes
+    (ComfyUI passes ``comfy.ops``).
+    """
+    kwargs = {"operations": operations} if operations is not None else {}
+    with torch.device("meta"):
+        network = PiDNetwork(loaded.info.config, dtype=dtype, **kwargs)
+    expected = {k: v.shape for k, v in network.state_dict().items()}
+    check_keys(loaded.state_dict, expected, Path(loaded.info.path).name)
+    weights = {k: v.to(device=device, dtype=dtype) for k, v in loaded.state_dict.items()}
+    network.load_state_dict(weights, strict=True, assign=True)
+    return network.eval().requires_grad_(False)
+
+
+def _caption_tensor(caption: torch.Tensor | None, batch: int, network: PiDNetwork) -> torch.Tensor:
+    config = network.config
+    if caption is None:
+        warnings.warn(
+            "No caption embedding given: decoding with an all-zero caption, which lowers quality. "
+            "Connect a PiD Caption (or pass --caption-embedding).",
+            stacklevel=3,
+        )
+        return torch.zeros(batch, config.txt_max_length, config.txt_embed_dim)
+    if caption.ndim == 2:
+        caption = caption[None]
+    if caption.ndim != 3 or caption.shape[-1] != config.txt_embed_dim:
+        raise ValueError(
+            f"The caption embedding has shape {tuple(caption.shape)}, but this checkpoint expects "
+            f"[B, {config.txt_max_length}, {config.txt_embed_dim}] (Gemma-2-2B hidden states); encode the "
+            "caption with PiD Caption."
+        )
+    if caption.shape[0] not in (1, batch):
+        raise ValueError(f"Got {caption.shape[0]} caption embeddings for {batch} latents; pass one or one per latent.")
+    if not torch.isfinite(caption).all():
+        raise ValueError("The caption embedding contains NaN/inf values; encode the caption again.")
+    return caption.float().expand(batch, -1, -1)
+
+
+def _resolve_space(space: LatentSpace | str | None, info: CheckpointInfo | None) -> LatentSpace:
+    if space is not None:
+        space = LatentSpace.parse(space)
+        if info is not None and space not in info.candidates:
+            raise ValueError(
+                f"This PiD checkpoint decodes {'/'.join(s.value for s in info.candidates)} latents, not "
+                f"{space.value}: load the PiD checkpoint made for {space.value} models."
+            )
+        return space
+    if info is not None and info.space is not None:
+        return info.space
+    choices = "/".join(s.value for s in info.candidates) if info is not None else "one of " + ", ".join(LatentSpace.names())
+    raise ValueError(f"Cannot tell which latent space this latent is in; choose the latent space ({choices}).")
+
+
+def decode(
+    network: PiDNetwork,
+    latent: torch.Tensor,
+    *,
+    space: LatentSpace | str | None = None,
+    sigma: SigmaLike = 0.0,
+    caption: torch.Tensor | None = None,
+    size: SizeLike = "native",
+    steps: int = 4,
+    seed: int = 0,
+    schedule: str = "spread",
+    info: CheckpointInfo | None = None,
+    flux2_bn: tuple[torch.Tensor, torch.Tensor] | None = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Decode a ComfyUI-convention latent with ``network``; returns the image [B, 3, H, W] in [-1, 1] (float32, CPU).
+
+    Runs where the network's weights are, computing in their dtype (bf16 weights run under bf16 autocast,
+    as the reference does; fp32 weights give exact parity). ``info`` (from loading) lets the latent space
+    and training range be checked; ``callback(step, total, x0)`` reports progress and may raise to cancel.
+    """
+    space = _resolve_space(space, info)
+    z = to_network_latent(latent, space, sigma, flux2_bn)
+    config = network.config
+    if z.shape[1] != config.latent_channels:
+        raise ValueError(
+            f"The {space.value} latent has {z.shape[1]} channels, but this PiD checkpoint takes "
+            f"{config.latent_channels}: load the PiD checkpoint that matches the model that made the latent."
+        )
+    batch = z.shape[0]
+    height, width = output_size(z.shape[-2:], config, size)
+    if info is not None and (message := training_range_warning((height, width), _known(info.training))):
+        warnings.warn(message, stacklevel=2)
+
+    param = next(network.parameters())
+    device, dtype = param.device, param.dtype
+    sig = sigma_tensor(sigma, batch).to(device)  # warns once for a sigma beyond the trained range
+    y = _caption_tensor(caption, batch, network).to(device)
+    z = z.to(device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), autocast:
+            return network(x, t, y, z, sig).float()
+
+    x0 = sample(denoise, (batch, 3, height, width), seed=seed, steps=steps, schedule=schedule, device=device, callback=callback)
+    return x0.clamp(-1.0, 1.0).cpu()
+
+
+def _known(training: str) -> str | None:
+    return None if training == "unknown" else training
+
+
+@dataclass
+class PiDDecoder:
+    """A loaded PiD network with what is known about its checkpoint."""
+
+    network: PiDNetwork
+    info: CheckpointInfo
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        space: LatentSpace | str | None = None,
+        training: str | None = None,
+        precision: str = "bf16",
+        device: torch.device | str = "cpu",
+    ) -> PiDDecoder:
+        """Load a checkpoint (official .pth, .safetensors, or Comfy-Org repack).
+
+        ``precision`` "bf16" (default) keeps the weights in bf16, half the reference's memory; "fp32" gives
+        exact parity with the reference's fp32 run.
+        """
+        if precision not in PRECISIONS:
+            raise CheckpointError(f"Unknown precision {precision!r}; use one of: {', '.join(PRECISIONS)}.")
+        loaded = load_checkpoint(path, space, training)
+        return cls(build_network(loaded, PRECISIONS[precision], device), loaded.info)
+
+    def decode(self, latent: torch.Tensor, **kwargs) -> torch.Tensor:
+        """See :func:`decode`; the latent space defaults to the checkpoint's."""
+        return decode(self.network, latent, info=self.info, **kwargs)
