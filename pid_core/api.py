@@ -104,12 +104,15 @@ def decode(
     info: CheckpointInfo | None = None,
     flux2_bn: tuple[torch.Tensor, torch.Tensor] | None = None,
     callback: StepCallback | None = None,
+    device: torch.device | str | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Decode a ComfyUI-convention latent with ``network``; returns the image [B, 3, H, W] in [-1, 1] (float32, CPU).
 
-    Runs where the network's weights are, computing in their dtype (bf16 weights run under bf16 autocast,
-    as the reference does; fp32 weights give exact parity). ``info`` (from loading) lets the latent space
-    and training range be checked; ``callback(step, total, x0)`` reports progress and may raise to cancel.
+    Runs on ``device`` (default: where the weights are), computing in ``compute_dtype`` (default: the weights'
+    dtype; bf16 runs under autocast as the reference does, fp32 gives exact parity). ``info`` (from loading)
+    lets the latent space and training range be checked; ``callback(step, total, x0)`` reports progress and
+    may raise to cancel.
     """
     space = _resolve_space(space, info)
     z = to_network_latent(latent, space, sigma, flux2_bn)
@@ -125,7 +128,8 @@ def decode(
         warnings.warn(message, stacklevel=2)
 
     param = next(network.parameters())
-    device, dtype = param.device, param.dtype
+    device = torch.device(device) if device is not None else param.device
+    dtype = compute_dtype or param.dtype
     sig = sigma_tensor(sigma, batch).to(device)  # warns once for a sigma beyond the trained range
     y = _caption_tensor(caption, batch, network).to(device)
     z = z.to(device)

@@ -106,6 +106,12 @@ def pixel_position_embedding(height: int, width: int, dim: int) -> tuple[torch.T
     return col, row
 
 
+def _inverse_frequencies(theta: float, head_dim: int, stride: int) -> torch.Tensor:
+    # float32 throughout, as the reference: bf16 runs round q/k after RoPE, so even 1-ulp differences
+    # in the angles would show up there
+    return 1.0 / theta ** (torch.arange(0, head_dim, stride, dtype=torch.float32) / head_dim)
+
+
 def rope_2d(head_dim: int, grid_h: int, grid_w: int, ref_grid: int) -> tuple[torch.Tensor, torch.Tensor]:
     """NTK-aware 2-D rotary angles for a ``grid_h x grid_w`` token grid, as (cos, sin) of shape [L, head_dim/2].
 
@@ -113,27 +119,24 @@ def rope_2d(head_dim: int, grid_h: int, grid_w: int, ref_grid: int) -> tuple[tor
     ``(grid / ref_grid) ** (d/2 / (d/2 - 2))`` so that sizes away from the training resolution keep their
     spectrum. Angles are interleaved per frequency: ``[x f0, y f0, x f1, y f1, ...]``.
     """
-    half = head_dim / 2
+    half = head_dim // 2
     exponent = half / (half - 2)
-    k = torch.arange(head_dim // 4, dtype=torch.float64)
 
     def freqs(grid: int) -> torch.Tensor:
-        theta = 10000.0 * (grid / ref_grid) ** exponent
-        return theta ** (-4.0 * k / head_dim)
+        return _inverse_frequencies(10000.0 * (grid / ref_grid) ** exponent, head_dim, 4)
 
-    ys = torch.linspace(0, 16, grid_h, dtype=torch.float64)
-    xs = torch.linspace(0, 16, grid_w, dtype=torch.float64)
+    ys = torch.linspace(0, 16, grid_h)
+    xs = torch.linspace(0, 16, grid_w)
     ang_x = xs[None, :, None] * freqs(grid_w)  # [1, W, d/4]
     ang_y = ys[:, None, None] * freqs(grid_h)  # [H, 1, d/4]
-    angles = torch.stack(torch.broadcast_tensors(ang_x, ang_y), dim=-1).reshape(grid_h * grid_w, head_dim // 2)
-    return torch.cos(angles).float(), torch.sin(angles).float()
+    angles = torch.stack(torch.broadcast_tensors(ang_x, ang_y), dim=-1).reshape(grid_h * grid_w, half)
+    return torch.cos(angles), torch.sin(angles)
 
 
 def rope_1d(head_dim: int, length: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain 1-D rotary angles for text positions 0..length-1, as (cos, sin) of shape [length, head_dim/2]."""
-    freqs = theta ** (-2.0 * torch.arange(head_dim // 2, dtype=torch.float64) / head_dim)
-    angles = torch.arange(length, dtype=torch.float64)[:, None] * freqs[None]
-    return torch.cos(angles).float(), torch.sin(angles).float()
+    angles = torch.arange(length, dtype=torch.float32)[:, None] * _inverse_frequencies(theta, head_dim, 2)[None]
+    return torch.cos(angles), torch.sin(angles)
 
 
 def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -145,7 +148,11 @@ def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torc
     return rotated.flatten(-2).to(x.dtype)
 
 
+def heads_first(x: torch.Tensor) -> torch.Tensor:
+    """[B, N, heads, d] -> contiguous [B, heads, N, d], the layout attention kernels take."""
+    return x.transpose(1, 2).contiguous()
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Unmasked scaled dot-product attention on [B, N, heads, d]; returns [B, N, heads * d]."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2).flatten(2)
+    """Unmasked scaled dot-product attention on [B, heads, N, d]; returns [B, N, heads * d]."""
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)

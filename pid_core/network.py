@@ -20,6 +20,7 @@ from .layers import (
     RMSNorm,
     apply_rope,
     attention,
+    heads_first,
     modulate,
     pixel_position_embedding,
     rope_1d,
@@ -53,7 +54,7 @@ class JointAttention(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor, rope_x: Rope, rope_y: Rope) -> tuple[torch.Tensor, torch.Tensor]:
         qx, kx, vx = self._qkv(self.qkv_x, self.q_norm_x, self.k_norm_x, x, rope_x)
         qy, ky, vy = self._qkv(self.qkv_y, self.q_norm_y, self.k_norm_y, y, rope_y)
-        q, k, v = (torch.cat([a, b], dim=1) for a, b in ((qy, qx), (ky, kx), (vy, vx)))
+        q, k, v = (torch.cat([heads_first(a), heads_first(b)], dim=2) for a, b in ((qy, qx), (ky, kx), (vy, vx)))
         out = attention(q, k, v)
         n_txt = y.shape[1]
         return self.proj_x(out[:, n_txt:]), self.proj_y(out[:, :n_txt])
@@ -100,7 +101,7 @@ class PixelAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
         q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).unbind(2)
         q, k = apply_rope(self.q_norm(q), rope), apply_rope(self.k_norm(k), rope)
-        return self.proj(attention(q, k, v))
+        return self.proj(attention(heads_first(q), heads_first(k), heads_first(v)))
 
 
 class PixelMLP(nn.Module):
@@ -175,8 +176,7 @@ class FinalLayer(nn.Module):
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     """[B, C, H, W] -> [B, L, C*p*p] with row-major tokens and features ordered (c, ky, kx)."""
-    b, c, h, w = x.shape
-    return x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
+    return F.unfold(x, kernel_size=p, stride=p).transpose(1, 2)
 
 
 class PiDNetwork(nn.Module):
@@ -210,7 +210,7 @@ class PiDNetwork(nn.Module):
         p, pd = self.config.patch_size, self.config.pixel_hidden_size
         col, row = pixel_position_embedding(h, w, pd)
         pos = torch.cat([col[None].expand(h, w, pd // 2), row[:, None].expand(h, w, pd // 2)], dim=-1)
-        feats = self.pixel_embedder(x.permute(0, 2, 3, 1)) + pos.to(device=x.device, dtype=x.dtype)
+        feats = self.pixel_embedder(x.permute(0, 2, 3, 1).contiguous()) + pos.to(device=x.device, dtype=x.dtype)
         feats = feats.reshape(b, h // p, p, w // p, p, pd).permute(0, 1, 3, 2, 4, 5)
         return feats.reshape(-1, p * p, pd)
 
