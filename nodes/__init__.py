@@ -1,0 +1,12 @@
+"""The ComfyUI nodes: thin glue between ComfyUI's graph, model management and progress, and ``pid_core``."""
+
+from comfy_api.latest import ComfyExtension, io
+
+from .decode import PiDDecode
+from .loader import LoadPiDDecoder
+from .sampling import PiDKSampler, PiDTagLatent
+
+
+class PiDExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [LoadPiDDecoder, PiDKSampler, PiDTagLatent, PiDDecode]

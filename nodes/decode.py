@@ -1,0 +1,122 @@
+"""PiD Decode: the drop-in replacement for VAE Decode."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+import torch.nn.functional as F
+from comfy_api.latest import io
+from PIL import Image
+
+import comfy.model_management as mm
+import comfy.utils
+
+from ..pid_core.api import decode
+from ..pid_core.config import LatentSpace
+from ..pid_core.sampler import MAX_STEPS
+from . import metadata
+from .common import CATEGORY, NODE_PREFIX, PiDDecoderType
+
+log = logging.getLogger("comfyui-pid")
+
+SIZES = ["native 4x", "2048", "4096"]
+AUTO = "auto"
+PREVIEW_SIZE = 512
+
+
+def _size(choice: str) -> str | int:
+    return "native" if choice == SIZES[0] else int(choice)
+
+
+def _caption(conditioning) -> torch.Tensor | None:
+    """PiD Caption's output, or any CONDITIONING whose tensor is [B, 300, D] (newer ComfyUI's pixeldit encoder)."""
+    if not conditioning:
+        return None
+    return conditioning[0][0]
+
+
+def _preview(x0: torch.Tensor) -> tuple[str, Image.Image, int]:
+    """The first item of the current estimate, small enough for the progress preview."""
+    image = x0[:1].float().clamp(-1, 1)
+    scale = PREVIEW_SIZE / max(image.shape[-2:])
+    if scale < 1:
+        image = F.interpolate(image, scale_factor=scale, mode="area")
+    pixels = ((image[0] + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return ("JPEG", Image.fromarray(pixels), PREVIEW_SIZE)
+
+
+def _latent_inputs(latent: dict, sigma: float, latent_space: str) -> tuple[list[float] | float, str | None]:
+    """Sigma and latent space from the LATENT's PiD metadata while it is valid, else from the widgets."""
+    tagged, stale_reason = metadata.read(latent)
+    if tagged is not None:
+        return tagged.sigmas, tagged.space
+    if stale_reason is not None:
+        log.warning("PiD Decode: %s; using the sigma (%s) and latent space widgets instead.", stale_reason, sigma)
+    return sigma, None if latent_space == AUTO else latent_space
+
+
+class PiDDecode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=f"{NODE_PREFIX}Decode",
+            display_name="PiD Decode",
+            category=CATEGORY,
+            description=(
+                "Decodes a latent straight to a large picture (4x its VAE size, or a 2048/4096 long side) with PiD's "
+                "4-step pixel diffusion. Takes clean latents and early-exit latents from PiD KSampler alike."
+            ),
+            inputs=[
+                PiDDecoderType.Input("pid_decoder", tooltip="From Load PiD Decoder."),
+                io.Latent.Input("latent", tooltip="The latent to decode; a PiD KSampler latent brings its own sigma."),
+                io.Combo.Input(
+                    "size", options=SIZES, default=SIZES[0],
+                    tooltip="native 4x: 4 times the VAE's picture size (8x for SigLIP); 2048/4096: that long side, "
+                    "keeping the aspect ratio. 2k checkpoints are best at 2048, 2kto4k ones up to 4096.",
+                ),
+                io.Int.Input("steps", default=4, min=1, max=MAX_STEPS,
+                             tooltip="PiD's distilled steps; 4 is what it was trained for."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of PiD's pixel noise (same seed, same picture on any device)."),
+                io.Float.Input(
+                    "sigma", default=0.0, min=0.0, max=1.0, step=0.001,
+                    tooltip="Noise level of the latent, used only when it carries no PiD metadata (e.g. it comes "
+                    "from a stock KSampler or Load Latent): 0 for a finished latent.",
+                ),
+                io.Combo.Input(
+                    "latent_space", options=[AUTO, *LatentSpace.names()], default=AUTO,
+                    tooltip="Model family of the latent when neither the latent nor the checkpoint tells it.",
+                ),
+                io.Conditioning.Input(
+                    "caption", optional=True,
+                    tooltip="The caption from PiD Caption (or a [B, 300, 2304] conditioning). Without it PiD decodes "
+                    "with an empty caption, at some cost in detail.",
+                ),
+            ],
+            outputs=[io.Image.Output(display_name="image")],
+        )
+
+    @classmethod
+    def execute(cls, pid_decoder, latent, size, steps, seed, sigma, latent_space, caption=None) -> io.NodeOutput:
+        sigmas, space = _latent_inputs(latent, sigma, latent_space)
+        patcher = pid_decoder.patcher
+        mm.load_models_gpu([patcher])
+        pbar = comfy.utils.ProgressBar(steps)
+
+        def progress(step: int, total: int, x0: torch.Tensor) -> None:
+            mm.throw_exception_if_processing_interrupted()
+            pbar.update_absolute(step + 1, total, _preview(x0))
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            image = decode(
+                patcher.model, latent["samples"], space=space, sigma=sigmas, caption=_caption(caption),
+                size=_size(size), steps=steps, seed=seed, info=pid_decoder.info, callback=progress,
+                device=patcher.load_device,
+            )
+        for warning in caught:
+            log.warning("PiD Decode: %s", warning.message)
+        pixels = ((image + 1) * 0.5).permute(0, 2, 3, 1).to(mm.intermediate_device())
+        return io.NodeOutput(pixels)

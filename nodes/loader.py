@@ -1,0 +1,106 @@
+"""Load PiD Decoder: a PiD checkpoint (plus its matching VAE) wrapped for ComfyUI's model management."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from comfy_api.latest import io
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.ops
+import folder_paths
+import nodes as comfy_nodes
+
+from ..pid_core.api import PRECISIONS, build_network
+from ..pid_core.checkpoint import CheckpointInfo, load_checkpoint
+from ..pid_core.config import LatentSpace
+from . import paths
+from .common import CATEGORY, NODE_PREFIX, PiDDecoderType
+
+log = logging.getLogger("comfyui-pid")
+
+AUTO = "auto"
+NO_VAE = "none"
+
+
+@dataclass
+class PiDDecoderModel:
+    """What flows through a PID_DECODER socket."""
+
+    patcher: comfy.model_patcher.ModelPatcher
+    info: CheckpointInfo
+    vae: object | None  # comfy.sd.VAE, for PiD Encode Image
+
+    @property
+    def space(self) -> LatentSpace | None:
+        return self.info.space
+
+
+def load_decoder(pid_name: str, latent_space: str, weight_dtype: str, vae_name: str) -> PiDDecoderModel:
+    space = None if latent_space == AUTO else latent_space
+    loaded = load_checkpoint(paths.checkpoint_path(pid_name), space=space)
+    info = loaded.info
+    # manual_cast layers cast each weight to the compute dtype/device, which also lets ComfyUI keep part of
+    # the weights off the GPU (low-VRAM mode)
+    network = build_network(loaded, PRECISIONS[weight_dtype], "cpu", operations=comfy.ops.manual_cast)
+    patcher = comfy.model_patcher.ModelPatcher(
+        network, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+    )
+    vae = None
+    if vae_name != NO_VAE:
+        (vae,) = comfy_nodes.VAELoader().load_vae(vae_name)
+        channels = getattr(vae, "latent_channels", None)
+        if channels != info.config.latent_channels:
+            raise ValueError(
+                f"The VAE {vae_name} makes {channels}-channel latents, but {pid_name} decodes "
+                f"{info.config.latent_channels}-channel ones: pick the VAE of the model family this PiD "
+                "checkpoint was made for, or none."
+            )
+    log.info(
+        "PiD: loaded %s (%s, %s, training %s, space %s)", pid_name, info.version, info.file_format, info.training,
+        info.space.value if info.space else "undecided",
+    )
+    return PiDDecoderModel(patcher, info, vae)
+
+
+class LoadPiDDecoder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=f"{NODE_PREFIX}LoadDecoder",
+            display_name="Load PiD Decoder",
+            category=CATEGORY,
+            description=(
+                "Loads a PiD pixel diffusion decoder (official model_ema_bf16.pth, a .safetensors conversion or a "
+                "Comfy-Org repack) and detects its variant from the weights. Optionally loads the matching VAE, "
+                "used by PiD Encode Image."
+            ),
+            inputs=[
+                io.Combo.Input(
+                    "pid_name", options=paths.checkpoint_names(),
+                    tooltip="PiD checkpoint from models/pid (or a PiD repack in models/diffusion_models).",
+                ),
+                io.Combo.Input(
+                    "latent_space", options=[AUTO, *LatentSpace.names()], default=AUTO,
+                    tooltip="Which model family's latents this decoder reads. 'auto' reads it from the weights or "
+                    "the file path; the 16-channel Flux/SD3/Qwen-Image checkpoints cannot be told apart by their "
+                    "weights, and PiD KSampler tells PiD Decode the family of the model that made the latent.",
+                ),
+                io.Combo.Input(
+                    "weight_dtype", options=list(PRECISIONS), default="bf16",
+                    tooltip="bf16 keeps the weights at half the reference's memory; fp32 matches the reference "
+                    "exactly at twice the memory.",
+                ),
+                io.Combo.Input(
+                    "vae_name", options=[NO_VAE, *folder_paths.get_filename_list("vae")], default=NO_VAE,
+                    tooltip="The VAE of the same model family (needed by PiD Encode Image to upscale pictures).",
+                ),
+            ],
+            outputs=[PiDDecoderType.Output(display_name="pid_decoder")],
+        )
+
+    @classmethod
+    def execute(cls, pid_name: str, latent_space: str, weight_dtype: str, vae_name: str) -> io.NodeOutput:
+        return io.NodeOutput(load_decoder(pid_name, latent_space, weight_dtype, vae_name))
