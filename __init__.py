@@ -1,14 +1,15 @@
 """ComfyUI entry point of the PiD (Pixel Diffusion Decoder) node pack.
 
-ComfyUI imports this folder as a package; ``pid_core`` (pure PyTorch) also works on its own.
+ComfyUI imports this folder as a package and calls ``comfy_entrypoint``. Everything that needs ComfyUI is
+imported inside it, so the package also imports outside ComfyUI (``pid_core`` runs on its own, and test
+runners may import the pack root).
 """
 
-from .nodes.paths import register_folders
 
-register_folders()
+async def comfy_entrypoint():
+    from .nodes.paths import register_folders
 
-from .nodes import PiDExtension  # noqa: E402  (the folders must exist before the node schemas list them)
+    register_folders()  # before the node schemas list the folder's files
+    from .nodes import PiDExtension
 
-
-async def comfy_entrypoint() -> PiDExtension:
     return PiDExtension()

@@ -3,10 +3,11 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .decode import PiDDecode
+from .encode import PiDEncodeImage
 from .loader import LoadPiDDecoder
 from .sampling import PiDKSampler, PiDTagLatent
 
 
 class PiDExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [LoadPiDDecoder, PiDKSampler, PiDTagLatent, PiDDecode]
+        return [LoadPiDDecoder, PiDKSampler, PiDTagLatent, PiDDecode, PiDEncodeImage]

@@ -118,5 +118,10 @@ class PiDDecode(io.ComfyNode):
             )
         for warning in caught:
             log.warning("PiD Decode: %s", warning.message)
+        if (crop := latent.get(metadata.CROP_KEY)) is not None:
+            log.info(
+                "PiD Decode: %dx%d output of the centred %dx%d crop of a %dx%d picture", image.shape[-1], image.shape[-2],
+                crop["width"], crop["height"], crop["source_width"], crop["source_height"],
+            )
         pixels = ((image + 1) * 0.5).permute(0, 2, 3, 1).to(mm.intermediate_device())
         return io.NodeOutput(pixels)

@@ -15,6 +15,7 @@ import torch
 SIGMA_KEY = "pid_sigma"
 SPACE_KEY = "pid_space"
 FINGERPRINT_KEY = "pid_fingerprint"
+CROP_KEY = "pid_crop"  # PiD Encode Image: where the encoded picture was cut from its source
 
 
 def fingerprint(samples: torch.Tensor) -> str:

@@ -146,3 +146,26 @@ def test_interrupt_stops_sampling(comfy_server):
     assert stopped_after < 10
     # the server keeps working afterwards
     comfy_server.run(sampling_prompt(TINY_FLUX, FLUX_LATENT, "pidtest/after-interrupt", steps=2))
+
+
+def test_output_image_helper(comfy_server):
+    prompt = {
+        "image": {"class_type": "EmptyImage", "inputs": {"width": 48, "height": 32, "batch_size": 1, "color": 0xFF8000}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["image", 0], "filename_prefix": "pidtest/image"}},
+    }
+    entry = comfy_server.run(prompt)
+    ref = entry["outputs"]["save"]["images"][0]
+    image = comfy_server.image(ref)
+    assert image.size == (48, 32)
+    assert image.convert("RGB").getpixel((0, 0)) == (255, 128, 0)
+    assert comfy_server.output_path(ref).is_file()
+
+
+def test_model_files_are_listed_without_restart(comfy_server):
+    new_file = comfy_server.models_dir / "vae" / "pidtest-dropped-in.safetensors"
+    assert new_file.name not in comfy_server.object_info("VAELoader")["input"]["required"]["vae_name"][0]
+    new_file.write_bytes(b"")
+    try:
+        assert new_file.name in comfy_server.object_info("VAELoader")["input"]["required"]["vae_name"][0]
+    finally:
+        new_file.unlink()
