@@ -4,10 +4,13 @@ Never imports ComfyUI; the pack's ``nodes/`` are thin glue over this package.
 """
 
 from .api import PiDDecoder, build_network, decode
+from .captions import CaptionEncoder, empty_caption_embedding
 from .checkpoint import CheckpointError, CheckpointInfo, load_checkpoint
 from .config import RELEASED_CHECKPOINTS, LatentSpace, NetworkConfig
+from .download import download_gemma, download_pid
 
 __all__ = [
+    "CaptionEncoder",
     "CheckpointError",
     "CheckpointInfo",
     "LatentSpace",
@@ -16,5 +19,8 @@ __all__ = [
     "RELEASED_CHECKPOINTS",
     "build_network",
     "decode",
+    "download_gemma",
+    "download_pid",
+    "empty_caption_embedding",
     "load_checkpoint",
 ]

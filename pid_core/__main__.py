@@ -1,4 +1,5 @@
-"""Command line: ``python -m pid_core info CHECKPOINT`` and ``python -m pid_core decode CHECKPOINT LATENT ...``."""
+"""Command line: ``python -m pid_core info CHECKPOINT``, ``python -m pid_core decode CHECKPOINT LATENT ...`` and
+``python -m pid_core download ...``."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from pathlib import Path
 import torch
 
 from .api import PRECISIONS, PiDDecoder
+from .captions import CaptionEncoder, empty_caption_embedding
 from .checkpoint import load_checkpoint
 from .config import LatentSpace
+from .download import GEMMA_FILES, TRAININGS, download_gemma, download_pid
 from .sampler import MAX_STEPS, SCHEDULES
 from .tensor_files import read_caption_file, read_latent_file, write_image
 
@@ -43,10 +46,28 @@ def _info(args: argparse.Namespace) -> None:
         print(f"{key:>16}: {value}")
 
 
+def _caption(args: argparse.Namespace) -> torch.Tensor | None:
+    """The caption embedding: read from a file, encoded with Gemma (before PiD is loaded, so the two never
+    share memory), the cached empty-caption embedding when only --gemma is given, or None."""
+    if args.caption_embedding and (args.caption is not None or args.gemma):
+        raise ValueError("Pass either --caption-embedding or --caption/--gemma, not both.")
+    if args.caption_embedding:
+        return read_caption_file(args.caption_embedding)
+    if args.caption is not None and not args.gemma:
+        raise ValueError(
+            "--caption needs --gemma FILE (Gemma-2-2B-it, e.g. gemma_2_2b_it_elm_bf16.safetensors) to encode it."
+        )
+    if not args.gemma:
+        return None
+    if args.caption:
+        return CaptionEncoder.load(args.gemma).encode(args.caption)
+    return empty_caption_embedding(args.gemma)
+
+
 def _decode(args: argparse.Namespace) -> None:
+    caption = _caption(args)
     decoder = PiDDecoder.load(args.checkpoint, args.space, args.training, args.precision)
     latent = read_latent_file(args.latent)
-    caption = read_caption_file(args.caption_embedding) if args.caption_embedding else None
     size = args.size if args.size == "native" else int(args.size)
     started = time.monotonic()
 
@@ -54,10 +75,20 @@ def _decode(args: argparse.Namespace) -> None:
         print(f"step {step + 1}/{total}  {time.monotonic() - started:.1f}s", file=sys.stderr, flush=True)
 
     image = decoder.decode(
-        latent, sigma=args.sigma, caption=caption, size=size, steps=args.steps, seed=args.seed, callback=progress
+        latent, sigma=args.sigma, caption=caption, size=size, steps=args.steps, seed=args.seed,
+        schedule=args.schedule, callback=progress,
     )
     for path in write_image(image, args.out):
         print(path)
+
+
+def _download(args: argparse.Namespace) -> None:
+    if args.space is None and not args.gemma:
+        raise ValueError("Nothing to download: pass --space (and --training) for a PiD checkpoint, and/or --gemma.")
+    if args.space is not None:
+        print(download_pid(args.space, args.training, args.models_dir))
+    if args.gemma:
+        print(download_gemma(args.models_dir, args.gemma_variant))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -83,6 +114,12 @@ def parser() -> argparse.ArgumentParser:
     dec.add_argument("--steps", type=int, default=4, choices=range(1, MAX_STEPS + 1), metavar=f"1..{MAX_STEPS}")
     dec.add_argument("--seed", type=int, default=0)
     dec.add_argument("--caption-embedding", help="safetensors file with a [B, 300, 2304] caption embedding")
+    dec.add_argument("--caption", help="caption text to encode with --gemma (default: the empty caption)")
+    dec.add_argument(
+        "--gemma", help="Gemma-2-2B-it weights (Comfy-Org's gemma_2_2b_it_elm_bf16.safetensors, its fp8_scaled "
+        "variant, or Hugging Face safetensors with tokenizer.model beside them); without --caption, the empty "
+        "caption's embedding is used (cached, see PID_CACHE_DIR)",
+    )
     dec.add_argument("--precision", choices=tuple(PRECISIONS), default="bf16", help="weights in bf16 or exact fp32")
     dec.add_argument(
         "--schedule", choices=SCHEDULES, default="spread",
@@ -90,6 +127,16 @@ def parser() -> argparse.ArgumentParser:
         "official code does; identical for 1-4 steps",
     )
     dec.set_defaults(run=_decode)
+
+    dl = commands.add_parser("download", help="download official weights from the Hugging Face hub (HF_TOKEN honoured)")
+    dl.add_argument(
+        "--models-dir", required=True, help="models folder: PiD goes to pid/<experiment>/, Gemma to text_encoders/"
+    )
+    dl.add_argument("--space", choices=LatentSpace.names(), help="download the PiD checkpoint for this latent space")
+    dl.add_argument("--training", choices=TRAININGS, help="its training resolution, when the space has two")
+    dl.add_argument("--gemma", action="store_true", help="download Gemma-2-2B-it (Comfy-Org repack) for captions")
+    dl.add_argument("--gemma-variant", choices=tuple(GEMMA_FILES), default="bf16", help="bf16 (5.2 GB) or fp8_scaled")
+    dl.set_defaults(run=_download)
     return root
 
 

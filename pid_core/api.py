@@ -56,7 +56,7 @@ def _caption_tensor(caption: torch.Tensor | None, batch: int, network: PiDNetwor
     if caption is None:
         warnings.warn(
             "No caption embedding given: decoding with an all-zero caption, which lowers quality. "
-            "Connect a PiD Caption (or pass --caption-embedding).",
+            "Connect a PiD Caption (or pass --gemma, or --caption-embedding).",
             stacklevel=3,
         )
         return torch.zeros(batch, config.txt_max_length, config.txt_embed_dim)

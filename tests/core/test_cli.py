@@ -141,3 +141,14 @@ def test_sigma_beyond_training_range_warns_once(flux_checkpoint):
         warnings.simplefilter("always")
         decoder.decode(torch.randn(1, 16, 2, 2), sigma=0.9, caption=torch.zeros(1, 300, 32), steps=1)
     assert sum("above 0.8" in str(w.message) for w in caught) == 1
+
+
+def test_schedule_option_reaches_the_sampler(flux_checkpoint, tmp_path):
+    latent = write_latent(tmp_path / "in.latent", torch.randn(1, 16, 2, 2))
+    outs = {}
+    for schedule in ("spread", "reference"):
+        out = tmp_path / f"{schedule}.safetensors"
+        assert main(["decode", str(flux_checkpoint), str(latent), "--steps", "5", "--schedule", schedule,
+                     "--out", str(out)]) == 0
+        outs[schedule] = load_file(str(out))["image"]
+    assert not torch.equal(outs["spread"], outs["reference"])  # 5 steps: distinct vs repeated timesteps

@@ -1,0 +1,321 @@
+"""Captions to PiD's text conditioning: the Gemma tokenizer, the reference's prompt layout, and the cached
+empty-caption embedding.
+
+Layout (facts §4, trap 22): the 8-line system prompt (``CHI_PROMPT``) joined with newlines, the caption
+appended with no separator; ``n_chi`` = tokens of the system prompt with BOS; the prompt is tokenized to
+``n_chi + 298`` tokens (right truncation, right padding); Gemma-2 runs with that padding mask; PiD keeps
+position 0 (BOS) and the last 299 positions (the end of the system prompt, the caption, then padding)
+-> ``[B, 300, hidden]``.
+
+The empty caption (system prompt + "") is what PiD saw for dropped captions in training, so it is the
+conditioning to use when the user gives none. It is computed once per Gemma file and cached in
+``cache_dir()`` (``$PID_CACHE_DIR``, else ``$XDG_CACHE_HOME/pid_core`` or ``~/.cache/pid_core``) under a key
+made from the Gemma file's content, so later runs need not load Gemma at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .gemma import Gemma2Encoder, GemmaError, GemmaWeights, load_gemma, weight_files
+
+# The reference's system prompt, verbatim (nv-tlabs/PiD pid/_src/configs/pid/experiment_2k/shared_config.py,
+# `_CHI_PROMPT`, identical in the three inference configs). Data, not code: the model was trained with it.
+CHI_PROMPT: tuple[str, ...] = (
+    'Given a user prompt, generate an "Enhanced prompt" that provides detailed visual descriptions suitable for '
+    "image generation. Evaluate the level of detail in the user prompt:",
+    "- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, and spatial "
+    "relationships to create vivid and concrete scenes.",
+    "- If the prompt is already detailed, refine and enhance the existing details slightly without overcomplicating.",
+    "Here are examples of how to transform or refine prompts:",
+    "- User Prompt: A cat sleeping -> Enhanced: A small, fluffy white cat curled up in a round shape, sleeping "
+    "peacefully on a warm sunny windowsill, surrounded by pots of blooming red flowers.",
+    "- User Prompt: A busy city street -> Enhanced: A bustling city street scene at dusk, featuring glowing street "
+    "lamps, a diverse crowd of people in colorful clothing, and a double-decker bus passing by towering glass "
+    "skyscrapers.",
+    "Please generate only the enhanced description for the prompt below and avoid including any additional "
+    "commentary or evaluations:",
+    "User Prompt: ",
+)
+CAPTION_LENGTH = 300  # positions PiD takes (its learned text positions), BOS included
+_CACHE_VERSION = "1"  # bump when the layout or the encoder's arithmetic changes
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+class CaptionTokenizer:
+    """Gemma's SentencePiece tokenizer: BOS prepended, no EOS, as the reference's Gemma tokenizer does."""
+
+    def __init__(self, model_proto: bytes, name: str = "tokenizer") -> None:
+        try:
+            import sentencepiece
+        except ImportError:
+            raise GemmaError("Encoding captions needs the sentencepiece package: pip install sentencepiece.") from None
+        try:
+            self.processor = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+        except RuntimeError as err:
+            raise GemmaError(
+                f"{name} is not a SentencePiece tokenizer model ({err}); use Gemma-2's tokenizer.model."
+            ) from None
+        self.bos_id = self.processor.bos_id()
+        self.pad_id = self.processor.pad_id()
+        if self.pad_id < 0 and self.processor.piece_to_id("<pad>") != self.processor.unk_id():
+            self.pad_id = self.processor.piece_to_id("<pad>")
+        if self.bos_id < 0 or self.pad_id < 0:
+            raise GemmaError(
+                f"{name} defines no BOS or padding token, so it is not Gemma's tokenizer; use Gemma-2's tokenizer.model."
+            )
+        # Hugging Face's Gemma tokenizers turn special-token text ("<bos>", "<eos>", ...) in a prompt into that
+        # token; SentencePiece alone would spell it out. Control and unknown pieces are those tokens.
+        special = {
+            self.processor.id_to_piece(i): i
+            for i in range(self.processor.get_piece_size())
+            if self.processor.is_control(i) or self.processor.is_unknown(i)
+        }
+        self._special = {piece: i for piece, i in special.items() if piece}
+        alternatives = "|".join(re.escape(p) for p in sorted(self._special, key=len, reverse=True))
+        self._split = re.compile(f"({alternatives})") if alternatives else None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> CaptionTokenizer:
+        path = Path(path)
+        if not path.is_file():
+            raise GemmaError(f"Tokenizer file not found: {path}; use the tokenizer.model of Gemma-2-2B-it.")
+        return cls(path.read_bytes(), path.name)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.processor.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` with BOS first."""
+        ids = [self.bos_id]
+        for part in self._split.split(text) if self._split else [text]:
+            if part in self._special:
+                ids.append(self._special[part])
+            elif part:
+                ids.extend(self.processor.encode(part))
+        return ids
+
+
+def load_tokenizer(weights: GemmaWeights, tokenizer: str | Path | None = None) -> CaptionTokenizer:
+    """The tokenizer named by the caller, else the one embedded in the weights, else ``tokenizer.model`` beside them."""
+    if tokenizer is not None:
+        return CaptionTokenizer.from_file(tokenizer)
+    if weights.tokenizer_model is not None:
+        return CaptionTokenizer(weights.tokenizer_model, weights.path.name)
+    if weights.tokenizer_file is not None:
+        return CaptionTokenizer.from_file(weights.tokenizer_file)
+    raise GemmaError(
+        f"{weights.path.name} has no embedded tokenizer and no tokenizer.model is beside it; put Gemma-2-2B-it's "
+        "tokenizer.model next to it, or use Comfy-Org's gemma_2_2b_it_elm_bf16.safetensors, which embeds it."
+    )
+
+
+# --------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class CaptionTokens:
+    input_ids: torch.Tensor  # [B, n_chi + 298] int64, right-padded
+    attention_mask: torch.Tensor  # [B, n_chi + 298] int64, 1 = token, 0 = padding
+    chi_tokens: int  # tokens of the system prompt, BOS included
+
+
+def system_prompt() -> str:
+    return "\n".join(CHI_PROMPT)
+
+
+def tokenize_captions(tokenizer: CaptionTokenizer, captions: Sequence[str], length: int = CAPTION_LENGTH) -> CaptionTokens:
+    """Token ids and padding mask of ``system prompt + caption`` for each caption, laid out as the reference does."""
+    chi = system_prompt()
+    chi_tokens = len(tokenizer.encode(chi))
+    total = chi_tokens + length - 2
+    ids = torch.full((len(captions), total), tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(captions), total), dtype=torch.long)
+    for row, caption in enumerate(captions):
+        tokens = tokenizer.encode(chi + caption)[:total]
+        ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        mask[row, : len(tokens)] = 1
+    return CaptionTokens(ids, mask, chi_tokens)
+
+
+def keep_positions(hidden: torch.Tensor, length: int = CAPTION_LENGTH) -> torch.Tensor:
+    """Position 0 and the last ``length - 1`` positions of hidden states [B, T, D] -> [B, length, D]."""
+    total = hidden.shape[1]
+    if total < length:
+        raise ValueError(f"Only {total} token positions to keep {length} from; the system prompt is missing.")
+    return torch.cat([hidden[:, :1], hidden[:, total - (length - 1):]], dim=1)
+
+
+def encode_captions(
+    model: Gemma2Encoder, tokenizer: CaptionTokenizer, captions: Sequence[str], dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """PiD's caption embeddings [B, 300, hidden] (on the CPU, in the compute dtype) of ``captions``."""
+    tokens = tokenize_captions(tokenizer, captions)
+    if tokens.input_ids.max() >= model.config.vocab_size:
+        raise GemmaError(
+            f"The tokenizer produced token id {int(tokens.input_ids.max())} but the Gemma weights have only "
+            f"{model.config.vocab_size} embeddings; use the tokenizer that belongs to these weights."
+        )
+    device = model.embed_tokens.weight.device
+    with torch.inference_mode():
+        hidden = model(tokens.input_ids.to(device), tokens.attention_mask.to(device), dtype=dtype)
+    return keep_positions(hidden).cpu()
+
+
+# --------------------------------------------------------------------------- identity and cache
+
+
+def cache_dir() -> Path:
+    """Where empty-caption embeddings are cached: ``$PID_CACHE_DIR``, else ``$XDG_CACHE_HOME/pid_core``, else
+    ``~/.cache/pid_core``."""
+    if os.environ.get("PID_CACHE_DIR"):
+        return Path(os.environ["PID_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "pid_core"
+
+
+def _file_fingerprint(path: Path, digest, samples: int = 8, chunk: int = 1 << 20) -> None:
+    """Size and evenly spaced 1 MiB samples (header and end included): any two different weight files
+    differ there, and reading 8 MiB of a 5 GB file is instant. Names and dates are left out, so a copy or a
+    renamed file keeps its cache."""
+    size = path.stat().st_size
+    digest.update(str(size).encode())
+    with path.open("rb") as f:
+        for i in range(samples):
+            f.seek(max(0, (size - chunk) * i // max(samples - 1, 1)))
+            digest.update(f.read(chunk))
+
+
+def gemma_identity(path: str | Path, tokenizer: str | Path | None = None) -> str:
+    """A content key for the Gemma weights at ``path`` (and the tokenizer used with them)."""
+    files = list(weight_files(path))
+    tok = Path(tokenizer) if tokenizer is not None else files[0].parent / "tokenizer.model"
+    if tok.is_file():
+        files.append(tok)
+    digest = hashlib.sha256()
+    for file in files:
+        _file_fingerprint(file, digest)
+    return digest.hexdigest()
+
+
+def _cache_key(identity: str, dtype: torch.dtype) -> str:
+    prompt = hashlib.sha256(system_prompt().encode()).hexdigest()
+    return hashlib.sha256(f"{_CACHE_VERSION}|{identity}|{prompt}|{CAPTION_LENGTH}|{dtype}".encode()).hexdigest()[:20]
+
+
+def empty_caption_path(identity: str, dtype: torch.dtype = torch.bfloat16, directory: str | Path | None = None) -> Path:
+    return Path(directory or cache_dir()) / f"pid_empty_caption_{_cache_key(identity, dtype)}.safetensors"
+
+
+def _read_cached(path: Path) -> torch.Tensor | None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        embedding = load_file(str(path))["caption"]
+    except (SafetensorError, OSError, KeyError):
+        return None  # missing or damaged: compute it again
+    return embedding if embedding.ndim == 3 and embedding.shape[:2] == (1, CAPTION_LENGTH) else None
+
+
+def _write_cached(path: Path, embedding: torch.Tensor, source: str) -> None:
+    from safetensors.torch import save_file
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        save_file({"caption": embedding.contiguous()}, str(partial), metadata={"gemma": source, "prompt": "empty"})
+        os.replace(partial, path)
+    except OSError as err:
+        warnings.warn(
+            f"Could not cache the empty-caption embedding in {path.parent} ({err}); set PID_CACHE_DIR to a "
+            "writable folder.",
+            stacklevel=3,
+        )
+
+
+# --------------------------------------------------------------------------- the holder
+
+
+@dataclass
+class CaptionEncoder:
+    """A loaded Gemma-2 with its tokenizer: ``encode(captions)`` gives PiD's ``[B, 300, hidden]`` conditioning."""
+
+    model: Gemma2Encoder
+    tokenizer: CaptionTokenizer
+    identity: str  # content key of the weights (see gemma_identity)
+    name: str
+    dtype: torch.dtype = torch.bfloat16  # compute dtype; the reference ran Gemma in bf16
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        tokenizer: str | Path | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cpu",
+        operations=None,
+    ) -> CaptionEncoder:
+        """Load Gemma-2 weights (Comfy-Org repack, its fp8_scaled variant, or Hugging Face safetensors) and
+        their tokenizer (embedded, ``tokenizer``, or ``tokenizer.model`` beside the weights)."""
+        model, weights = load_gemma(path, dtype, device, operations)
+        tok = load_tokenizer(weights, tokenizer)
+        return cls(model, tok, gemma_identity(path, tokenizer), Path(path).name, dtype)
+
+    def encode(self, captions: str | Sequence[str]) -> torch.Tensor:
+        if isinstance(captions, str):
+            captions = [captions]
+        return encode_captions(self.model, self.tokenizer, list(captions), self.dtype)
+
+    def empty_caption(self, directory: str | Path | None = None) -> torch.Tensor:
+        """The embedding of the empty caption [1, 300, hidden], from the cache or computed and cached."""
+        path = empty_caption_path(self.identity, self.dtype, directory)
+        cached = _read_cached(path)
+        if cached is not None and cached.shape[-1] == self.model.config.hidden_size:
+            return cached
+        embedding = self.encode([""])
+        _write_cached(path, embedding, self.name)
+        return embedding
+
+
+def empty_caption_embedding(
+    gemma: str | Path,
+    directory: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    operations=None,
+) -> torch.Tensor:
+    """The empty-caption embedding [1, 300, hidden] for the Gemma file ``gemma``; Gemma is loaded only when
+    the cache (``directory``, default :func:`cache_dir`) does not have it yet."""
+    cached = _read_cached(empty_caption_path(gemma_identity(gemma, tokenizer), dtype, directory))
+    if cached is not None:
+        return cached
+    return CaptionEncoder.load(gemma, tokenizer, dtype, device, operations).empty_caption(directory)
+
+
+__all__ = [
+    "CAPTION_LENGTH",
+    "CHI_PROMPT",
+    "CaptionEncoder",
+    "CaptionTokenizer",
+    "CaptionTokens",
+    "cache_dir",
+    "empty_caption_embedding",
+    "encode_captions",
+    "gemma_identity",
+    "keep_positions",
+    "load_tokenizer",
+    "tokenize_captions",
+]
