@@ -2,6 +2,7 @@
 
 from comfy_api.latest import ComfyExtension, io
 
+from .caption import PiDCaption
 from .decode import PiDDecode
 from .encode import PiDEncodeImage
 from .loader import LoadPiDDecoder
@@ -10,4 +11,4 @@ from .sampling import PiDKSampler, PiDTagLatent
 
 class PiDExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [LoadPiDDecoder, PiDKSampler, PiDTagLatent, PiDDecode, PiDEncodeImage]
+        return [LoadPiDDecoder, PiDKSampler, PiDTagLatent, PiDDecode, PiDEncodeImage, PiDCaption]

@@ -21,12 +21,15 @@ import torch
 from .checkpoint import CheckpointError, CheckpointInfo, LoadedCheckpoint, check_keys, load_checkpoint
 from .config import LatentSpace
 from .latents import SigmaLike, sigma_tensor, to_network_latent
+from .memory import GB, SAFETY, MemoryEstimate, available_memory, estimate
 from .network import PiDNetwork
 from .sampler import sample
 from .sizes import SizeLike, output_size, training_range_warning
+from .tiling import TilePlan, choose_plan, tiled_forward
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
 StepCallback = Callable[[int, int, torch.Tensor], None]
+TileProgress = Callable[[int, int, int], None]  # (step index, tiles done in this step, tiles per step)
 
 
 def build_network(
@@ -78,16 +81,75 @@ def _caption_tensor(caption: torch.Tensor | None, batch: int, network: PiDNetwor
 def _resolve_space(space: LatentSpace | str | None, info: CheckpointInfo | None) -> LatentSpace:
     if space is not None:
         space = LatentSpace.parse(space)
-        if info is not None and space not in info.candidates:
+        own = (info.space,) if info is not None and info.space is not None else info.candidates if info else None
+        if own is not None and space not in own:
+            path = Path(info.path)
             raise ValueError(
-                f"This PiD checkpoint decodes {'/'.join(s.value for s in info.candidates)} latents, not "
-                f"{space.value}: load the PiD checkpoint made for {space.value} models."
+                f"The latent is in the {space.value} latent space, but the PiD checkpoint {path.parent.name}/"
+                f"{path.name} is for {'/'.join(s.value for s in own)} models: load the PiD checkpoint made for {space.value} models "
+                "(or, if the checkpoint's family was misread from its name, set its latent space when loading it)."
             )
         return space
     if info is not None and info.space is not None:
         return info.space
     choices = "/".join(s.value for s in info.candidates) if info is not None else "one of " + ", ".join(LatentSpace.names())
     raise ValueError(f"Cannot tell which latent space this latent is in; choose the latent space ({choices}).")
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """How a decode will run: output size, whole or tiled, and the memory that needs."""
+
+    height: int
+    width: int
+    tiles: TilePlan | None  # None: the whole image in one network call
+    memory: MemoryEstimate
+    budget: int | None  # bytes of working memory the plan was made for (None: unknown)
+
+    @property
+    def fits(self) -> bool:
+        return self.budget is None or self.memory.activations <= self.budget
+
+    def describe(self) -> str:
+        how = "whole" if self.tiles is None else self.tiles.describe()
+        free = "" if self.budget is None else f"; {self.budget / GB:.1f} GB of working memory available"
+        return f"{self.width}x{self.height} px {how}: needs {self.memory.describe().removeprefix('about ')}{free}"
+
+
+def plan_decode(
+    network: PiDNetwork,
+    height: int,
+    width: int,
+    *,
+    batch: int = 1,
+    tiling: str = "auto",
+    tile_size: int | None = None,
+    memory_budget: int | None = None,
+    device: torch.device | str | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> DecodePlan:
+    """Whole or tiled, and the memory estimate, for decoding ``batch`` images of ``height`` x ``width`` pixels.
+
+    ``tiling``: "auto" tiles only when the whole image would not fit, "off" never tiles, "on" always does.
+    ``tile_size``: pixels, a multiple of 16, used when tiling (None: the largest that fits, at most 1024 px
+    for "on"). ``memory_budget``: bytes of working
+    memory the decode may use beyond the loaded weights (None: 80% of what is free on ``device`` now).
+    """
+    param = next(network.parameters())
+    device = torch.device(device) if device is not None else param.device
+    dtype = compute_dtype or param.dtype
+    budget = memory_budget
+    if budget is None and (free := available_memory(device)) is not None:
+        budget = int(free * SAFETY)
+    config = network.config
+    tiles = choose_plan(config, height, width, mode=tiling, tile_size=tile_size, budget=budget, batch=batch,
+                        compute_dtype=dtype, weight_dtype=param.dtype)
+    memory = estimate(
+        config, height, width, batch=batch, weight_dtype=param.dtype, compute_dtype=dtype,
+        tile=tiles.tile_pixels if tiles else None, tile_batch=tiles.tile_batch if tiles else 1,
+        tiles=tiles.count if tiles else 1, pixel_chunk=network.pixel_chunk,
+    )
+    return DecodePlan(height, width, tiles, memory, budget)
 
 
 def decode(
@@ -106,13 +168,18 @@ def decode(
     callback: StepCallback | None = None,
     device: torch.device | str | None = None,
     compute_dtype: torch.dtype | None = None,
+    tiling: str = "auto",
+    tile_size: int | None = None,
+    memory_budget: int | None = None,
+    tile_callback: TileProgress | None = None,
 ) -> torch.Tensor:
     """Decode a ComfyUI-convention latent with ``network``; returns the image [B, 3, H, W] in [-1, 1] (float32, CPU).
 
     Runs on ``device`` (default: where the weights are), computing in ``compute_dtype`` (default: the weights'
     dtype; bf16 runs under autocast as the reference does, fp32 gives exact parity). ``info`` (from loading)
     lets the latent space and training range be checked; ``callback(step, total, x0)`` reports progress and
-    may raise to cancel.
+    may raise to cancel. ``tiling``, ``tile_size`` and ``memory_budget`` choose whole or tiled decoding (see
+    :func:`plan_decode`); ``tile_callback(step, done, total)`` runs after each tile (it may raise to cancel).
     """
     space = _resolve_space(space, info)
     z = to_network_latent(latent, space, sigma, flux2_bn)
@@ -130,14 +197,31 @@ def decode(
     param = next(network.parameters())
     device = torch.device(device) if device is not None else param.device
     dtype = compute_dtype or param.dtype
+    plan = plan_decode(network, height, width, batch=batch, tiling=tiling, tile_size=tile_size,
+                       memory_budget=memory_budget, device=device, compute_dtype=dtype)
+    if not plan.fits:
+        warnings.warn(
+            f"PiD may run out of memory: {plan.describe()}. Use tiling with a smaller tile size, a smaller output "
+            "size, or free memory.",
+            stacklevel=2,
+        )
     sig = sigma_tensor(sigma, batch).to(device)  # warns once for a sigma beyond the trained range
     y = _caption_tensor(caption, batch, network).to(device)
     z = z.to(device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    grid = (height // config.patch_size, width // config.patch_size)
+    with torch.inference_mode(), autocast:
+        lq_tokens = network.project_latent(z, grid)  # once per decode: they depend on the latent only
+    calls = 0
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        step, calls = calls, calls + 1
         with torch.inference_mode(), autocast:
-            return network(x, t, y, z, sig).float()
+            if plan.tiles is None:
+                return network(x, t, y, None, sig, lq_tokens=lq_tokens).float()
+            progress = (lambda done, total: tile_callback(step, done, total)) if tile_callback else None
+            return tiled_forward(network, x, t, y, sig, lq_tokens, plan.tiles, progress)
 
     x0 = sample(denoise, (batch, 3, height, width), seed=seed, steps=steps, schedule=schedule, device=device, callback=callback)
     return x0.clamp(-1.0, 1.0).cpu()

@@ -158,16 +158,21 @@ def keep_positions(hidden: torch.Tensor, length: int = CAPTION_LENGTH) -> torch.
 
 
 def encode_captions(
-    model: Gemma2Encoder, tokenizer: CaptionTokenizer, captions: Sequence[str], dtype: torch.dtype | None = None
+    model: Gemma2Encoder,
+    tokenizer: CaptionTokenizer,
+    captions: Sequence[str],
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """PiD's caption embeddings [B, 300, hidden] (on the CPU, in the compute dtype) of ``captions``."""
+    """PiD's caption embeddings [B, 300, hidden] (on the CPU, in the compute dtype) of ``captions``, computed
+    on ``device`` (default: where the token embeddings are)."""
     tokens = tokenize_captions(tokenizer, captions)
     if tokens.input_ids.max() >= model.config.vocab_size:
         raise GemmaError(
             f"The tokenizer produced token id {int(tokens.input_ids.max())} but the Gemma weights have only "
             f"{model.config.vocab_size} embeddings; use the tokenizer that belongs to these weights."
         )
-    device = model.embed_tokens.weight.device
+    device = device if device is not None else model.embed_tokens.weight.device
     with torch.inference_mode():
         hidden = model(tokens.input_ids.to(device), tokens.attention_mask.to(device), dtype=dtype)
     return keep_positions(hidden).cpu()

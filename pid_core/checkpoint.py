@@ -223,8 +223,15 @@ _SPACE_HINTS = (  # checked in order: "flux2" before "flux", "sdxl" before "sd3"
 )
 
 
+def _own_name(path: str | os.PathLike) -> str:
+    """The file name and its folder: official files are all model_ema_bf16.pth, their folder names the
+    experiment. Folders further up (a collection, the ComfyUI install) say nothing about the file."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}".lower()
+
+
 def space_from_path(path: str | os.PathLike, candidates: tuple[LatentSpace, ...]) -> LatentSpace | None:
-    text = str(path).lower()
+    text = _own_name(path)
     for space, hints in _SPACE_HINTS:
         if any(h in text for h in hints):
             return space if space in candidates else None
@@ -232,7 +239,7 @@ def space_from_path(path: str | os.PathLike, candidates: tuple[LatentSpace, ...]
 
 
 def training_from_path(path: str | os.PathLike) -> str | None:
-    text = str(path).lower()
+    text = _own_name(path)
     if "2kto4k" in text or "4k" in text:
         return "2kto4k"
     if re.search(r"(^|[^a-z0-9])(res)?2k([^a-z0-9]|$)", text) or "res2k" in text:

@@ -253,9 +253,9 @@ class Gemma2Encoder(nn.Module):
 class GemmaWeights:
     """What a Gemma-2 file holds: canonical weights (no ``model.`` prefix), structure, and tokenizer if embedded."""
 
-    path: Path  # what the caller named (file, index json or folder)
-    files: tuple[Path, ...]  # the weight files read
-    layout: str  # "comfy", "comfy_fp8" or "hf"
+    path: Path  # what the caller named (file, index json or folder); for in-memory weights, their name
+    files: tuple[Path, ...]  # the weight files read (none for in-memory weights)
+    layout: str  # "comfy", "comfy_fp8", "hf", or "state_dict" for in-memory weights
     state_dict: dict[str, torch.Tensor]
     config: GemmaConfig
     tokenizer_model: bytes | None  # serialized SentencePiece model when embedded (Comfy-Org files)
@@ -263,6 +263,8 @@ class GemmaWeights:
     @property
     def tokenizer_file(self) -> Path | None:
         """``tokenizer.model`` beside the weights, where Hugging Face layouts keep it."""
+        if not self.files:
+            return None
         candidate = self.files[0].parent / "tokenizer.model"
         return candidate if candidate.is_file() else None
 
@@ -325,9 +327,10 @@ def _read_raw(files: tuple[Path, ...]) -> tuple[dict[str, torch.Tensor], dict[st
     return tensors, metadata
 
 
-def _to_dtype(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], bool]:
-    """Floating-point tensors in ``dtype``, float8 ones first multiplied by their per-tensor scale (which is
-    consumed). Empties ``tensors`` as it goes, so the file never exists twice in memory."""
+def _to_dtype(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], bool]:
+    """Floating-point tensors in ``dtype`` (None: as they are, except float8 ones, which become bf16), float8
+    ones first multiplied by their per-tensor scale (which is consumed). Empties ``tensors`` as it goes, so the
+    file never exists twice in memory."""
     scales = {k[: -len(s)] + ".weight": v for k, v in tensors.items() for s in _FP8_SCALE_SUFFIXES if k.endswith(s)}
     quantized = False
     out = {}
@@ -338,8 +341,8 @@ def _to_dtype(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[dic
         if value.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             quantized = quantized or value.numel() > 0  # ComfyUI also stores an empty `scaled_fp8` marker
             scale = scales.get(key)
-            value = value.float() * (scale.float() if scale is not None else 1.0)
-        out[key] = value.to(dtype) if value.is_floating_point() else value
+            value = (value.float() * (scale.float() if scale is not None else 1.0)).to(dtype or torch.bfloat16)
+        out[key] = value.to(dtype) if dtype is not None and value.is_floating_point() else value
     return out, quantized
 
 
@@ -422,11 +425,33 @@ def read_gemma(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> GemmaWe
     )
 
 
+def gemma_weights_from_state_dict(
+    tensors: dict[str, torch.Tensor], tokenizer_model: bytes | None = None, name: str = "Gemma",
+    dtype: torch.dtype | None = None,
+) -> GemmaWeights:
+    """Gemma-2 weights already in memory (e.g. a ComfyUI text encoder's), with canonical or ``model.``-prefixed
+    keys, and the serialized SentencePiece model if known. With ``dtype`` None the tensors are used as they
+    are (not copied; float8 ones are dequantized to bf16). ``name`` stands for the weights in error messages.
+    Unlike :func:`read_gemma`, nothing tells whether the model is instruction-tuned, so there is no warning."""
+    tensors, _ = _to_dtype(dict(tensors), dtype)
+    state = _canonical(tensors, name)
+    return GemmaWeights(
+        path=Path(name),
+        files=(),
+        layout="state_dict",
+        state_dict=state,
+        config=GemmaConfig.from_weights(state, None, name),
+        tokenizer_model=tokenizer_model,
+    )
+
+
 def build_gemma(
-    weights: GemmaWeights, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu", operations=None
+    weights: GemmaWeights, dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = "cpu",
+    operations=None,
 ) -> Gemma2Encoder:
-    """The encoder of ``weights``, stored in ``dtype`` on ``device``; built on the meta device and given the
-    tensors as they are, so the 5 GB of weights are not copied twice. ``operations``: see ``pid_core.layers``."""
+    """The encoder of ``weights``, stored in ``dtype`` on ``device`` (None: each tensor where it is); built on
+    the meta device and given the tensors as they are, so the 5 GB of weights are not copied twice (not at all
+    when their dtype and device already match). ``operations``: see ``pid_core.layers``."""
     kwargs = {"operations": operations} if operations is not None else {}
     with torch.device("meta"):
         model = Gemma2Encoder(weights.config, dtype=dtype, **kwargs)
@@ -438,7 +463,9 @@ def build_gemma(
         problem = (f"lacks {missing[0]}" if missing else f"has an unexpected {unexpected[0]}" if unexpected
                    else f"has {wrong[0]} of shape {tuple(weights.state_dict[wrong[0]].shape)}")
         raise GemmaError(f"{weights.path.name} {problem}: the file is incomplete or not Gemma-2; download it again.")
-    state = {k: v.to(device=device, dtype=dtype) for k, v in weights.state_dict.items()}
+    state = {
+        k: v.to(dtype) if device is None else v.to(device=device, dtype=dtype) for k, v in weights.state_dict.items()
+    }
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
@@ -459,6 +486,7 @@ __all__ = [
     "GemmaError",
     "GemmaWeights",
     "build_gemma",
+    "gemma_weights_from_state_dict",
     "load_gemma",
     "read_gemma",
     "weight_files",

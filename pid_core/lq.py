@@ -79,11 +79,19 @@ class LQProjection(nn.Module):
         )
         self.pit_head = operations.Linear(hd, config.hidden_size, **linear) if config.pit_lq_inject else None
 
-    def forward(self, latent: torch.Tensor, grid: tuple[int, int]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """Returns the tokens [B, L, D] for each patch-level injection, and those of the pixel-level one (v1.5)."""
+    def features(self, latent: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """The latent projected onto the ``grid`` of patches: tokens [B, L, lq_hidden_dim], row-major.
+
+        The convolutions and GroupNorms see the whole map, so tiles must take slices of these tokens
+        (the heads and gates that follow act per token).
+        """
         z = unpack_patches(latent, self.unpatchify)
         # size-targeted legacy nearest: every latent cell covers a block of patches (floor indexing)
         z = F.interpolate(z, size=grid, mode="nearest")
-        tokens = self.latent_proj(z).flatten(2).transpose(1, 2)
+        return self.latent_proj(z).flatten(2).transpose(1, 2)
+
+    def forward(self, latent: torch.Tensor, grid: tuple[int, int]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Returns the tokens [B, L, D] for each patch-level injection, and those of the pixel-level one (v1.5)."""
+        tokens = self.features(latent, grid)
         heads = [head(tokens) for head in self.output_heads]
         return heads, (self.pit_head(tokens) if self.pit_head is not None else None)

@@ -6,5 +6,6 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$ROOT/scripts/setup_env.sh"
+bash "$ROOT/scripts/setup_frontend.sh"   # chromium + playwright-core (.frontend/) for tests/workflows
 cd "$ROOT"
 exec "$ROOT/.venv/bin/python" -m pytest "$@"

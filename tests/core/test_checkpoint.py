@@ -236,3 +236,13 @@ def test_quantized_repack_is_refused(tmp_path):
     save_file({"model.diffusion_model.s_embedder.proj.weight": torch.zeros(2, 2).to(torch.float8_e4m3fn)}, str(path))
     with pytest.raises(CheckpointError, match="quantized"):
         load_checkpoint(path)
+
+
+def test_path_hints_read_only_the_file_and_its_folder():
+    from pid_core.checkpoint import space_from_path, training_from_path
+
+    path = "/home/sd3fan/qwen-4k/models/pid/PiD_res2k_sr4x_official_flux_distill_4step/model_ema_bf16.pth"
+    candidates = (LatentSpace.FLUX, LatentSpace.SD3, LatentSpace.QWENIMAGE)
+    assert space_from_path(path, candidates) == LatentSpace.FLUX
+    assert training_from_path(path) == "2k"
+    assert space_from_path("/models/sd3/pid/model_ema_bf16.pth", candidates) is None

@@ -152,3 +152,9 @@ def test_schedule_option_reaches_the_sampler(flux_checkpoint, tmp_path):
                      "--out", str(out)]) == 0
         outs[schedule] = load_file(str(out))["image"]
     assert not torch.equal(outs["spread"], outs["reference"])  # 5 steps: distinct vs repeated timesteps
+
+
+def test_latent_of_another_family_than_the_checkpoint_is_refused(flux_checkpoint):
+    decoder = PiDDecoder.load(flux_checkpoint, precision="fp32")  # a flux checkpoint, by its official folder name
+    with pytest.raises(ValueError, match="in the sd3 latent space, but the PiD checkpoint .* is for flux models"):
+        decoder.decode(torch.randn(1, 16, 2, 2), space="sd3", caption=torch.zeros(1, 300, 32))

@@ -191,7 +191,12 @@ class PiDTestConditioning(io.ComfyNode):
 
 class PiDTestExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [PiDTestTinyFluxModel, PiDTestTinySDXLModel, PiDTestConditioning]
+        from .probes import PROBE_NODES
+        from .tiny_loaders import NODES as LOADER_NODES  # imports this module's helpers: load it last
+        from .gemma_clip import GEMMA_NODES
+
+        return [PiDTestTinyFluxModel, PiDTestTinySDXLModel, PiDTestConditioning, *PROBE_NODES, *LOADER_NODES,
+                *GEMMA_NODES]
 
 
 async def comfy_entrypoint() -> PiDTestExtension:

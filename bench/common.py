@@ -1,0 +1,173 @@
+"""Shared pieces of the benchmarks: full-size networks, one measured decode per fresh process, image metrics.
+
+Every measurement runs in a fresh Python process (``python bench/common.py JSON``), so that its peak resident
+memory (``resource.getrusage``) belongs to that configuration alone; the baseline (the interpreter with torch
+imported and the inputs made) is subtracted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from pid_core.config import NetworkConfig, released  # noqa: E402
+from pid_core.network import PiDNetwork  # noqa: E402
+
+VARIANT = "flux_2k"  # the full-size network the benchmarks use (v1, 16-channel Flux latents)
+MODES = ("ours", "reference")
+
+
+def peak_rss() -> int:
+    """The process's peak resident memory so far, in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def random_network(config: NetworkConfig, dtype: torch.dtype, seed: int = 0) -> PiDNetwork:
+    """A full-size network with random weights of realistic scale, allocated once in ``dtype`` (no transient copy)."""
+    with torch.device("meta"):
+        network = PiDNetwork(config, dtype=dtype)
+    network = network.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in network.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=gen)
+            elif name.endswith("log_alpha"):
+                p.fill_(math.log(5.0))
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.fill_(1.0)
+    return network.eval().requires_grad_(False)
+
+
+def real_network(path: str, dtype: torch.dtype) -> tuple[PiDNetwork, str]:
+    from pid_core.api import build_network
+    from pid_core.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(path)
+    space = loaded.info.space.value if loaded.info.space is not None else "flux"
+    return build_network(loaded, dtype), space
+
+
+def measure(
+    size: int,
+    mode: str = "ours",
+    *,
+    steps: int = 4,
+    tiling: str = "auto",
+    tile_size: int | None = None,
+    memory_budget: int | None = None,
+    weights: str | None = None,
+    seed: int = 0,
+    save: str | None = None,
+) -> dict:
+    """One decode of a ``size`` x ``size`` output; returns timings, peak memory and the plan.
+
+    ``mode`` "ours": bf16 weights, bf16 autocast, chunked pixel blocks, tiled when ``tiling`` says so.
+    "reference": the reference's profile emulated with our network: fp32 weights, bf16 autocast, untiled,
+    unchunked.
+    """
+    from pid_core.api import decode, plan_decode
+
+    if mode not in MODES:
+        raise ValueError(f"Unknown mode {mode!r}; use one of {MODES}.")
+    torch.manual_seed(seed)
+    config = released(VARIANT).network
+    cells = size // (config.latent_down * config.sr_scale)
+    latent = torch.randn(1, config.latent_channels, cells, cells, generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed + 1)
+    caption = 0.1 * torch.randn(1, config.txt_max_length, config.txt_embed_dim, generator=gen)
+    baseline = peak_rss()
+
+    start = time.perf_counter()
+    dtype = torch.bfloat16 if mode == "ours" else torch.float32
+    space = "flux"
+    if weights:
+        network, space = real_network(weights, dtype)
+    else:
+        network = random_network(config, dtype, seed)
+    after_build = peak_rss()
+    build_seconds = time.perf_counter() - start
+    if mode == "reference":
+        network.pixel_chunk = None
+        tiling, tile_size, memory_budget = "off", None, None
+    plan = plan_decode(network, size, size, tiling=tiling, tile_size=tile_size, memory_budget=memory_budget,
+                       compute_dtype=torch.bfloat16)
+
+    start = time.perf_counter()
+    image = decode(network, latent, space=space, sigma=0.0, caption=caption, size="native", steps=steps, seed=seed,
+                   tiling=tiling, tile_size=tile_size, memory_budget=memory_budget, compute_dtype=torch.bfloat16)
+    seconds = time.perf_counter() - start
+    if save:
+        torch.save(image, save)
+    return {
+        "size": size,
+        "mode": mode,
+        "steps": steps,
+        "seconds": seconds,
+        "build_seconds": build_seconds,
+        "peak_bytes": peak_rss() - baseline,
+        "build_peak_bytes": after_build - baseline,
+        "estimate_bytes": plan.memory.total,
+        "estimate_weights": plan.memory.weights,
+        "plan": plan.describe(),
+        "tiles": plan.tiles.count if plan.tiles else 1,
+        "tile_pixels": list(plan.tiles.tile_pixels) if plan.tiles else None,
+        "tile_rows": [r * 16 for r in plan.tiles.rows] if plan.tiles else None,
+        "tile_cols": [c * 16 for c in plan.tiles.cols] if plan.tiles else None,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def measure_in_subprocess(timeout: float | None = None, **kwargs) -> dict:
+    """:func:`measure` in a fresh Python process (its peak memory is this configuration's alone)."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, __file__, json.dumps(kwargs)], capture_output=True, text=True, timeout=timeout, env=env,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"The measurement {kwargs} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two images in [-1, 1] (compared in [0, 1])."""
+    mse = (((a.float() - b.float()) * 0.5) ** 2).mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def seam_score(image: torch.Tensor, rows: list[int], cols: list[int], tile: tuple[int, int]) -> float:
+    """Gradient energy across tile borders over that elsewhere (1.0: borders look like anywhere else).
+
+    Borders are the pixel boundaries where a tile starts or ends (inside the image); the gradient across a
+    vertical border at column c is ``image[..., c] - image[..., c - 1]``, and likewise for rows.
+    """
+    img = image.float()
+    dx = (img[..., 1:] - img[..., :-1]) ** 2  # boundary c sits at index c - 1
+    dy = (img[..., 1:, :] - img[..., :-1, :]) ** 2
+    width, height = img.shape[-1], img.shape[-2]
+    xs = sorted({b for c in cols for b in (c, c + tile[1]) if 0 < b < width})
+    ys = sorted({b for r in rows for b in (r, r + tile[0]) if 0 < b < height})
+    on_x = torch.zeros(width - 1, dtype=torch.bool)
+    on_x[[b - 1 for b in xs]] = True
+    on_y = torch.zeros(height - 1, dtype=torch.bool)
+    on_y[[b - 1 for b in ys]] = True
+    border = torch.cat([dx[..., on_x].flatten(), dy[..., on_y, :].flatten()])
+    rest = torch.cat([dx[..., ~on_x].flatten(), dy[..., ~on_y, :].flatten()])
+    return (border.mean() / rest.mean()).item()
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(**json.loads(sys.argv[1]))))

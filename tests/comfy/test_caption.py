@@ -1,0 +1,235 @@
+"""PiD Caption in a real ComfyUI server: a Gemma-2 CLIP built from ComfyUI's own classes, a Gemma-2 file, and the
+conditioning PiD Decode takes.
+
+One tiny Gemma-2 (hidden size 32, the tiny PiD networks' ``txt_embed_dim``; 3 layers, as ComfyUI's lumina2 CLIP
+reads the penultimate one; seeded random weights; the SentencePiece tokenizer of ``tests/core/tiny_gemma.py``) is
+written in the Comfy-Org layout to models/text_encoders. The server turns it into a CLIP the way Load CLIP does
+(test pack node ``PiDTestGemmaCLIP``) and PiD Caption encodes through that CLIP and through ``gemma_name``; the
+expected embedding is computed here with ``pid_core`` (whose layout is tested against transformers in
+tests/core). ``PiDTestSaveConditioning`` writes the CONDITIONING tensors for comparison.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from tiny import tiny_network
+from tiny_gemma import random_weights, tokenizer_model, write_comfy, write_comfy_fp8
+
+from pid_core.api import PiDDecoder
+from pid_core.captions import CAPTION_LENGTH, CaptionEncoder, CaptionTokenizer, tokenize_captions
+from pid_core.gemma import GemmaConfig, build_gemma, gemma_weights_from_state_dict
+
+CAPTION = "A red fox jumps over the lazy dog near a quiet river at sunset."
+OTHER = "Portrait of an old sailor with a grey beard, oil painting, dramatic light."
+HIDDEN = 32  # the tiny PiD networks' txt_embed_dim (tests/core/tiny.py)
+# ComfyUI's Gemma2_2B_Config keeps Gemma-2's head width (256) and query scale, as pid_core assumes without config.json
+CONFIG = GemmaConfig(
+    vocab_size=600, hidden_size=HIDDEN, intermediate_size=64, num_layers=3, num_heads=2, num_kv_heads=1
+)
+
+GEMMA_IT = "pidtest-caption-gemma-2-tiny-it.safetensors"
+GEMMA_FP8 = "pidtest-caption-gemma-2-tiny-it_fp8_scaled.safetensors"
+GEMMA_BASE = "pidtest-caption-gemma-2-tiny-base.safetensors"  # same weights, a name that does not say -it
+FLUX_PID = "pidtest-caption/PiD_res2k_sr4x_official_flux_distill_4step/model_ema_bf16.pth"
+LATENT_SIDE = 32  # px of the empty latent: 4x4 Flux cells, decoded to 128x128
+
+
+@pytest.fixture(scope="module")
+def models(comfy_server) -> dict[str, Path]:
+    """The tiny Gemma files in models/text_encoders and a tiny Flux PiD checkpoint in models/pid."""
+    encoders = comfy_server.models_dir / "text_encoders"
+    weights = random_weights(CONFIG, seed=3)
+    write_comfy(encoders / GEMMA_IT, weights)
+    write_comfy(encoders / GEMMA_BASE, weights)
+    write_comfy_fp8(encoders / GEMMA_FP8, weights)
+    pid = comfy_server.models_dir / "pid" / FLUX_PID
+    pid.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({f"net.{k}": v.to(torch.bfloat16) for k, v in tiny_network("flux_2k", seed=0).state_dict().items()}, pid)
+    return {"it": encoders / GEMMA_IT, "fp8": encoders / GEMMA_FP8, "pid": pid}
+
+
+# --- graphs and records ---------------------------------------------------------------------------------------
+
+
+class Graph(dict):
+    """A prompt in ComfyUI's API format; ``node`` returns the new node's id."""
+
+    def node(self, class_type: str, **inputs) -> str:
+        node_id = str(len(self) + 1)
+        self[node_id] = {"class_type": class_type, "inputs": inputs}
+        return node_id
+
+
+def out(node_id: str, index: int = 0) -> list:
+    return [node_id, index]
+
+
+def caption(g: Graph, text: str, gemma_name: str = "none", clip: str | None = None) -> str:
+    inputs = {"text": text, "gemma_name": gemma_name} | ({"clip": out(clip)} if clip else {})
+    return g.node("PixelDecoderPiD_Caption", **inputs)
+
+
+def save(g: Graph, conditioning: str, name: str) -> None:
+    g.node("PiDTestSaveConditioning", conditioning=out(conditioning), name=name)
+
+
+def decode(g: Graph, conditioning: str | None, seed: int = 0) -> str:
+    loader = g.node("PixelDecoderPiD_LoadDecoder", pid_name=FLUX_PID, latent_space="auto", weight_dtype="bf16",
+                    vae_name="none")
+    latent = g.node("EmptySD3LatentImage", width=LATENT_SIDE, height=LATENT_SIDE, batch_size=1)
+    extra = {"caption": out(conditioning)} if conditioning else {}
+    return g.node("PixelDecoderPiD_Decode", pid_decoder=out(loader), latent=out(latent), size="native 4x", steps=1,
+                  seed=seed, sigma=0.0, latent_space="auto", **extra)
+
+
+def record(server, name: str) -> tuple[torch.Tensor, dict]:
+    path = server.output_dir / "pidtest-tensors" / f"{name}.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return tensors.get("cond", tensors.get("image")), json.loads((f.metadata() or {}).get("json", "{}"))
+
+
+def fails_with(server, prompt: dict, node_type: str, *fragments: str) -> str:
+    """Run ``prompt``, expect it to fail in ``node_type`` with one short sentence holding every fragment."""
+    with pytest.raises(server.PromptFailed) as failed:
+        server.run(prompt)
+    error = failed.value.error
+    assert error is not None and error["node_type"] == node_type, failed.value.entry["status"]
+    message = error["exception_message"]
+    for fragment in fragments:
+        assert fragment in message, message
+    assert "Traceback" not in message and len(message) < 400, message
+    return message
+
+
+def expected(path: Path, *texts: str) -> list[torch.Tensor]:
+    """pid_core's embeddings of ``texts`` on the file's weights and embedded tokenizer."""
+    encoder = CaptionEncoder.load(path)
+    return [encoder.encode(t) for t in texts]
+
+
+# --- the embedding --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["it", "fp8"])
+def test_caption_through_a_gemma_clip_equals_pid_core_and_the_gemma_file(comfy_server, models, variant):
+    name = models[variant].name
+    g = Graph()
+    clip = g.node("PiDTestGemmaCLIP", clip_name=name)
+    save(g, caption(g, CAPTION, clip=clip), f"cap-clip-{variant}")
+    save(g, caption(g, CAPTION, gemma_name=name), f"cap-file-{variant}")
+    save(g, caption(g, OTHER, gemma_name=name), f"cap-other-{variant}")
+    comfy_server.run(g)
+
+    through_clip, meta = record(comfy_server, f"cap-clip-{variant}")
+    through_file, _ = record(comfy_server, f"cap-file-{variant}")
+    other, _ = record(comfy_server, f"cap-other-{variant}")
+    reference, reference_other = expected(models[variant], CAPTION, OTHER)
+
+    assert meta == {"entries": 1, "pid_caption": True}
+    assert through_clip.shape == (1, CAPTION_LENGTH, HIDDEN) and through_clip.dtype == torch.bfloat16
+    assert torch.equal(through_clip, reference)
+    assert torch.equal(through_file, reference)
+    assert torch.equal(other, reference_other)
+    # the reference layout: position 0 is BOS (the same state for every caption), the rest differs
+    tokenizer = CaptionTokenizer(tokenizer_model())
+    assert tokenize_captions(tokenizer, [CAPTION]).input_ids[0, 0] == tokenizer.bos_id
+    assert torch.equal(through_clip[0, 0], other[0, 0])
+    bos_alone = CaptionEncoder.load(models[variant]).model(torch.tensor([[tokenizer.bos_id]]), dtype=torch.bfloat16)
+    torch.testing.assert_close(through_clip[0, 0], bos_alone[0, 0], rtol=2e-2, atol=2e-2)
+    assert not torch.equal(through_clip[0, 1:], other[0, 1:])
+
+
+def test_clip_weights_are_used_without_a_copy():
+    weights = {f"model.{k}": v.to(torch.bfloat16) for k, v in random_weights(CONFIG, seed=3).items()}
+    model = build_gemma(gemma_weights_from_state_dict(weights, tokenizer_model(), "clip"), torch.bfloat16, device=None)
+    assert model.embed_tokens.weight.data_ptr() == weights["model.embed_tokens.weight"].data_ptr()
+    assert model.layers[2].mlp.down_proj.weight.data_ptr() == weights["model.layers.2.mlp.down_proj.weight"].data_ptr()
+
+
+def test_empty_caption_keeps_the_system_prompt(comfy_server, models):
+    g = Graph()
+    save(g, caption(g, "", clip=g.node("PiDTestGemmaCLIP", clip_name=GEMMA_IT)), "cap-empty")
+    comfy_server.run(g)
+    (reference,) = expected(models["it"], "")
+    assert torch.equal(record(comfy_server, "cap-empty")[0], reference)
+
+
+# --- into PiD Decode ------------------------------------------------------------------------------------------
+
+
+def test_caption_and_a_plain_300_token_conditioning_feed_pid_decode(comfy_server, models):
+    g = Graph()
+    ours = caption(g, CAPTION, gemma_name=GEMMA_IT)
+    plain = g.node("PiDTestCaptionConditioning", batch=1, tokens=CAPTION_LENGTH, width=HIDDEN, seed=5)
+    save(g, plain, "cap-plain")
+    g.node("PiDTestSave", name="cap-decoded-ours", image=out(decode(g, ours)))
+    g.node("PiDTestSave", name="cap-decoded-plain", image=out(decode(g, plain)))
+    comfy_server.run(g)
+
+    decoder = PiDDecoder.load(models["pid"])
+    latent = torch.zeros(1, 16, LATENT_SIDE // 8, LATENT_SIDE // 8)
+
+    def reference(embedding: torch.Tensor) -> torch.Tensor:
+        image = decoder.decode(latent, sigma=0.0, caption=embedding, steps=1, seed=0)
+        return ((image + 1) * 0.5).permute(0, 2, 3, 1)
+
+    (embedding,) = expected(models["it"], CAPTION)
+    decoded_ours = record(comfy_server, "cap-decoded-ours")[0]
+    decoded_plain = record(comfy_server, "cap-decoded-plain")[0]
+    assert decoded_ours.shape == (1, 4 * LATENT_SIDE, 4 * LATENT_SIDE, 3)
+    assert torch.equal(decoded_ours, reference(embedding))
+    assert torch.equal(decoded_plain, reference(record(comfy_server, "cap-plain")[0]))
+    assert not torch.equal(decoded_ours, decoded_plain)
+
+
+def test_conditioning_of_the_wrong_width_is_refused(comfy_server, models):
+    g = Graph()
+    wide = g.node("PiDTestCaptionConditioning", batch=1, tokens=CAPTION_LENGTH, width=2 * HIDDEN, seed=5)
+    g.node("PiDTestSave", name="cap-wide", image=out(decode(g, wide)))
+    fails_with(comfy_server, g, "PixelDecoderPiD_Decode", f"(1, {CAPTION_LENGTH}, {2 * HIDDEN})",
+               f"[B, {CAPTION_LENGTH}, {HIDDEN}]", "PiD Caption")
+
+
+# --- errors and warnings --------------------------------------------------------------------------------------
+
+
+def test_caption_needs_exactly_one_of_clip_and_gemma_name(comfy_server, models):
+    g = Graph()
+    save(g, caption(g, CAPTION), "cap-none")
+    fails_with(comfy_server, g, "PixelDecoderPiD_Caption", "needs Gemma-2-2B-it", "gemma_name")
+    g = Graph()
+    save(g, caption(g, CAPTION, gemma_name=GEMMA_IT, clip=g.node("PiDTestGemmaCLIP", clip_name=GEMMA_IT)), "cap-both")
+    fails_with(comfy_server, g, "PixelDecoderPiD_Caption", "both a CLIP and gemma_name")
+
+
+def test_caption_refuses_a_clip_that_is_not_gemma(comfy_server, models):
+    g = Graph()
+    save(g, caption(g, CAPTION, clip=g.node("PiDTestTinyCLIPL")), "cap-clip-l")
+    fails_with(comfy_server, g, "PixelDecoderPiD_Caption", "not a Gemma-2 text encoder", "clip_l", "lumina2")
+
+
+def test_caption_with_a_base_gemma_warns_in_the_log(comfy_server, models):
+    g = Graph()
+    save(g, caption(g, OTHER, gemma_name=GEMMA_BASE), "cap-base")
+    start = len(comfy_server.log())
+    comfy_server.run(g)
+    assert "looks like a base (not instruction-tuned) Gemma-2" in comfy_server.log()[start:]
+    assert GEMMA_BASE in comfy_server.log()[start:]
+
+
+def test_caption_node_definition(comfy_server):
+    node = comfy_server.object_info("PixelDecoderPiD_Caption")
+    assert node["display_name"] == "PiD Caption" and node["category"] == "PiD" and len(node["description"]) > 40
+    assert node["input_order"] == {"required": ["text", "gemma_name"], "optional": ["clip"]}
+    assert node["output"] == ["CONDITIONING"]
+    gemma_name = node["input"]["required"]["gemma_name"]
+    assert gemma_name[0] == "COMBO" and gemma_name[1]["options"][0] == "none" and gemma_name[1]["default"] == "none"
+    for section in ("required", "optional"):
+        for name, spec in node["input"][section].items():
+            assert len(spec[1].get("tooltip", "")) > 10, name

@@ -1,0 +1,563 @@
+"""The shipped workflows (``workflows/*.json`` and their ``.jpg`` thumbnails), made by the real ComfyUI frontend.
+
+Each workflow is defined here as an API prompt (node inputs by name), a column layout and a note. The
+builder starts the test ComfyUI (pack and test pack installed, see ``tests/comfy/conftest.py``), loads
+every prompt into the frontend it serves with ``app.loadApiJson``, lays the nodes out, adds a MarkdownNote
+that says which files go where and the recommended settings, and saves ``app.graph.serialize()`` (what the
+frontend's Save writes) plus a headless-Chromium screenshot of the graph. ComfyUI serves ``workflows/`` to
+its template browser, which shows ``<name>.jpg`` beside ``<name>.json``.
+
+    .venv/bin/python tests/workflows/build_workflows.py            # all workflows
+    .venv/bin/python tests/workflows/build_workflows.py pid_sdxl   # those whose name contains "pid_sdxl"
+
+Needs ``bash scripts/setup_env.sh`` and ``bash scripts/setup_frontend.sh`` (``scripts/test.sh`` runs both).
+``tests/workflows/test_workflows.py`` checks the saved files against the definitions here, by input name.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parents[1]
+WORKFLOWS_DIR = REPO_ROOT / "workflows"
+FRONTEND_JS = HERE / "frontend.js"
+PLAYWRIGHT = REPO_ROOT / ".frontend" / "node_modules" / "playwright-core"
+
+PID = "PixelDecoderPiD_"
+PID_CHECKPOINTS = "https://huggingface.co/nvidia/PiD/tree/main/checkpoints/"
+PID_FILE = "model_ema_bf16.pth"  # the official file name inside each checkpoint folder
+SEED = 42
+
+# Where the stock model files come from (the links of ComfyUI's own templates), by file name.
+DOWNLOADS = {
+    "flux1-dev.safetensors": "https://huggingface.co/Comfy-Org/flux1-dev/resolve/main/flux1-dev.safetensors",
+    "clip_l.safetensors": "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors",
+    "t5xxl_fp16.safetensors": "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors",
+    "ae.safetensors": "https://huggingface.co/Comfy-Org/z_image_turbo/resolve/main/split_files/vae/ae.safetensors",
+    "z_image_turbo_bf16.safetensors":
+        "https://huggingface.co/Comfy-Org/z_image_turbo/resolve/main/split_files/diffusion_models/z_image_turbo_bf16.safetensors",
+    "qwen_3_4b.safetensors":
+        "https://huggingface.co/Comfy-Org/z_image_turbo/resolve/main/split_files/text_encoders/qwen_3_4b.safetensors",
+    "sd_xl_base_1.0.safetensors":
+        "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors",
+    "sd3.5_large_fp8_scaled.safetensors":
+        "https://huggingface.co/Comfy-Org/stable-diffusion-3.5-fp8/resolve/main/sd3.5_large_fp8_scaled.safetensors",
+    "flux2_dev_fp8mixed.safetensors":
+        "https://huggingface.co/Comfy-Org/flux2-dev/resolve/main/split_files/diffusion_models/flux2_dev_fp8mixed.safetensors",
+    "mistral_3_small_flux2_bf16.safetensors":
+        "https://huggingface.co/Comfy-Org/flux2-dev/resolve/main/split_files/text_encoders/mistral_3_small_flux2_bf16.safetensors",
+    "qwen_image_fp8_e4m3fn.safetensors":
+        "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/diffusion_models/qwen_image_fp8_e4m3fn.safetensors",
+    "qwen_2.5_vl_7b_fp8_scaled.safetensors":
+        "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors",
+}  # fmt: skip
+# The model folder of each stock loader's file inputs.
+LOADER_FOLDERS = {
+    "UNETLoader": {"unet_name": "diffusion_models"},
+    "CheckpointLoaderSimple": {"ckpt_name": "checkpoints"},
+    "CLIPLoader": {"clip_name": "text_encoders"},
+    "DualCLIPLoader": {"clip_name1": "text_encoders", "clip_name2": "text_encoders"},
+    "TripleCLIPLoader": {"clip_name1": "text_encoders", "clip_name2": "text_encoders", "clip_name3": "text_encoders"},
+    "VAELoader": {"vae_name": "vae"},
+    f"{PID}LoadDecoder": {"pid_name": "pid", "vae_name": "vae"},
+}
+NOT_A_FILE = {"none"}  # Load PiD Decoder's vae_name when no VAE is loaded
+
+# Node widths that show the whole file names (the frontend's defaults cut them).
+WIDTHS = {"UNETLoader": 400, "CheckpointLoaderSimple": 400, "CLIPLoader": 400, "DualCLIPLoader": 340,
+          "VAELoader": 340, f"{PID}LoadDecoder": 600, "ConditioningZeroOut": 300, "EmptyLatentImage": 300,
+          "EmptySD3LatentImage": 300, "EmptyFlux2LatentImage": 300, "SamplerCustomAdvanced": 300,
+          "KSamplerAdvanced": 340, f"{PID}EncodeImage": 300, "VAEDecode": 260, "ImageStitch": 300}  # fmt: skip
+NOTE_WIDTH = 460
+# Colours of ComfyUI's templates for prompt nodes.
+GREEN = ["#232", "#353"]
+RED = ["#322", "#533"]
+PROMPT_SIZE = [420, 180]
+
+
+def pid_checkpoint(folder: str) -> str:
+    return f"{folder}/{PID_FILE}"
+
+
+# --- graph definitions -------------------------------------------------------------------------------
+class Node:
+    def __init__(self, node_id: str):
+        self.id = node_id
+
+    def __getitem__(self, slot: int) -> list:
+        return [self.id, slot]
+
+
+@dataclass
+class Workflow:
+    """One workflow: its API prompt, where its nodes go, and its note."""
+
+    name: str  # file name without .json; the template browser shows it as the title
+    heading: str
+    summary: str
+    settings: list[str]
+    prompt: dict = field(default_factory=dict)
+    columns: list[list[str]] = field(default_factory=list)
+    sizes: dict = field(default_factory=dict)
+    colors: dict = field(default_factory=dict)
+
+    def add(self, class_type: str, title: str | None = None, **inputs) -> Node:
+        node_id = str(len(self.prompt) + 1)
+        self.prompt[node_id] = {"class_type": class_type, "inputs": inputs}
+        if title:
+            self.prompt[node_id]["_meta"] = {"title": title}
+        if class_type in WIDTHS:
+            self.sizes[node_id] = [WIDTHS[class_type], None]
+        return Node(node_id)
+
+    def column(self, *nodes: Node) -> None:
+        self.columns.append([n.id for n in nodes])
+
+    def prompt_text(self, node: Node, negative: bool = False) -> Node:
+        self.sizes[node.id] = PROMPT_SIZE
+        self.colors[node.id] = RED if negative else GREEN
+        return node
+
+    def files(self) -> list[tuple[str, str]]:
+        """(folder, file) of every model file the loaders name, in graph order."""
+        found = []
+        for node in self.prompt.values():
+            for name, folder in LOADER_FOLDERS.get(node["class_type"], {}).items():
+                value = node["inputs"].get(name)
+                if isinstance(value, str) and value not in NOT_A_FILE and (folder, value) not in found:
+                    found.append((folder, value))
+        return found
+
+    def note(self) -> str:
+        lines = [f"## {self.heading}", "", self.summary, "", "**Files** (in `ComfyUI/models/`):", ""]
+        for folder, name in self.files():
+            if folder == "pid":
+                checkpoint = name.split("/")[0]
+                source = f"[nvidia/PiD]({PID_CHECKPOINTS}{checkpoint}), keep the official folder name"
+            else:
+                source = f"[download]({DOWNLOADS[name]})"
+            lines.append(f"- `{folder}/{name}`: {source}")
+        lines += ["", "**Recommended settings**", ""] + [f"- {s}" for s in self.settings]
+        lines += ["", "PiD weights are NVIDIA's, for non-commercial research only (licence on the Hugging Face page)."]
+        return "\n".join(lines)
+
+    def models_metadata(self) -> dict:
+        """ComfyUI template metadata ({node id: [{name, url, directory}]}): the frontend offers the
+        download of missing stock model files. PiD's .pth files are left to the note."""
+        out = {}
+        for node_id, node in self.prompt.items():
+            for name, folder in LOADER_FOLDERS.get(node["class_type"], {}).items():
+                value = node["inputs"].get(name)
+                if value in DOWNLOADS:
+                    out.setdefault(node_id, []).append({"name": value, "url": DOWNLOADS[value], "directory": folder})
+        return out
+
+
+def pid_loader(w: Workflow, checkpoint_folder: str, vae_name: str = "none") -> Node:
+    return w.add(f"{PID}LoadDecoder", pid_name=pid_checkpoint(checkpoint_folder), latent_space="auto",
+                 weight_dtype="bf16", vae_name=vae_name)  # fmt: skip
+
+
+def pid_sampler(w: Workflow, model: Node, positive: Node, negative: Node, latent: Node, *, steps: int, cfg: float,
+                sampler: str, scheduler: str, exit_step: int = 0) -> Node:  # fmt: skip
+    return w.add(f"{PID}KSamplerEarlyExit", model=model[0], seed=SEED, steps=steps, cfg=cfg, sampler_name=sampler,
+                 scheduler=scheduler, positive=positive[0], negative=negative[0], latent_image=latent[0], denoise=1.0,
+                 exit_step=exit_step)  # fmt: skip
+
+
+def pid_decode(w: Workflow, decoder: Node, latent: list) -> Node:
+    return w.add(f"{PID}Decode", pid_decoder=decoder[0], latent=latent, size="native 4x", steps=4, seed=0, sigma=0.0,
+                 latent_space="auto")  # fmt: skip
+
+
+def save(w: Workflow, images: list, prefix: str) -> Node:
+    return w.add("SaveImage", images=images, filename_prefix=f"PiD/{prefix}")
+
+
+PROMPTS = {
+    "fox": "a red fox curled up in fresh snow at golden hour, frost on its whiskers, detailed fur, "
+    "shallow depth of field",
+    "harbour": "a quiet fishing harbour at dawn, pastel houses along the quay, wooden boats with peeling paint, "
+    "morning mist over the water, detailed photograph",
+    "market": "an old spice market stall, heaps of saffron, paprika and cardamom in brass bowls, hand-written "
+    "price cards, warm window light, highly detailed",
+    "greenhouse": "inside a Victorian glass greenhouse full of ferns and orchids, wrought-iron frames, dew on the "
+    "panes, soft diffuse light, intricate detail",
+    "library": "a vast old library with spiral staircases, brass reading lamps and leather-bound books, dust in "
+    "the sunbeams, ultra detailed",
+    "street": "a rainy Tokyo side street at night, neon signs in Japanese, reflections on wet asphalt, a cyclist "
+    "with a clear umbrella, cinematic, detailed",
+}
+NEGATIVE = "blurry, low quality, watermark, text artifacts"
+
+
+def flux1_dev_base(w: Workflow):
+    """Flux.1-dev as ComfyUI's templates load it: diffusion model, dual CLIP (flux), FluxGuidance, cfg 1."""
+    unet = w.add("UNETLoader", unet_name="flux1-dev.safetensors", weight_dtype="default")
+    clip = w.add("DualCLIPLoader", clip_name1="clip_l.safetensors", clip_name2="t5xxl_fp16.safetensors", type="flux",
+                 device="default")  # fmt: skip
+    text = w.prompt_text(w.add("CLIPTextEncode", "Prompt", text=PROMPTS["fox"], clip=clip[0]))
+    guidance = w.add("FluxGuidance", conditioning=text[0], guidance=3.5)
+    negative = w.add("ConditioningZeroOut", "Negative (zero: cfg is 1)", conditioning=text[0])
+    latent = w.add("EmptySD3LatentImage", "Empty Latent Image (512 px)", width=512, height=512, batch_size=1)
+    return unet, clip, text, guidance, negative, latent
+
+
+def flux1_dev() -> Workflow:
+    w = Workflow(
+        "pid_flux1_dev_2048px_early_exit", "Flux.1-dev 512 px → PiD 2048 px (early exit)",
+        "PiD KSampler stops Flux.1-dev at step 24 of 28 (exit_step 0 = auto) and PiD Decode finishes the picture in "
+        "pixel space at 4× the latent size: 512 px → **2048 px**.",
+        ["512×512 latent with the 2k checkpoint (it is trained for about 2048 px output)",
+         "28 steps, cfg 1.0, FluxGuidance 3.5, euler / simple; exit_step 0 (auto: step 24 of 28)",
+         "PiD Decode: size native 4x, 4 steps",
+         "1024 px → 4096: use the v1.5 2kto4k checkpoint (see the Z-Image-Turbo workflow)"],
+    )  # fmt: skip
+    unet, clip, text, guidance, negative, latent = flux1_dev_base(w)
+    decoder = pid_loader(w, "PiD_res2k_sr4x_official_flux_distill_4step")
+    sampled = pid_sampler(w, unet, guidance, negative, latent, steps=28, cfg=1.0, sampler="euler", scheduler="simple")
+    image = pid_decode(w, decoder, sampled[0])
+    out = save(w, image[0], "flux1_dev_2048")
+    w.column(unet, clip, latent, decoder)
+    w.column(text, guidance, negative)
+    w.column(sampled, image)
+    w.column(out)
+    w.sizes[out.id] = [420, 460]
+    return w
+
+
+def flux1_dev_vs_vae() -> Workflow:
+    w = Workflow(
+        "pid_flux1_dev_2048px_vs_vae_decode", "Flux.1-dev: VAE decode vs PiD 2048 px, side by side",
+        "One run, two endings. PiD KSampler stops at step 24 of 28; PiD Decode turns that latent into a 2048 px "
+        "picture (right). KSamplerAdvanced samples the same latent on from step 24 to the end, as a normal run "
+        "would, and VAE Decode makes the usual 512 px picture (left, scaled up to the same height by Image Stitch).",
+        ["exit_step of PiD KSampler and start_at_step of KSamplerAdvanced must be equal (24 of 28 steps)",
+         "KSamplerAdvanced: add_noise disable, same steps, cfg, sampler and scheduler as PiD KSampler",
+         "28 steps, cfg 1.0, FluxGuidance 3.5, euler / simple; 512×512 latent with the 2k checkpoint",
+         "PiD Decode: size native 4x, 4 steps"],
+    )  # fmt: skip
+    unet, clip, text, guidance, negative, latent = flux1_dev_base(w)
+    vae = w.add("VAELoader", vae_name="ae.safetensors")
+    decoder = pid_loader(w, "PiD_res2k_sr4x_official_flux_distill_4step")
+    exit_step = 24
+    sampled = pid_sampler(w, unet, guidance, negative, latent, steps=28, cfg=1.0, sampler="euler", scheduler="simple",
+                          exit_step=exit_step)  # fmt: skip
+    finished = w.add("KSamplerAdvanced", "KSamplerAdvanced (finish the run)", model=unet[0], add_noise="disable",
+                     noise_seed=SEED, steps=28, cfg=1.0, sampler_name="euler", scheduler="simple", positive=guidance[0],
+                     negative=negative[0], latent_image=sampled[0], start_at_step=exit_step, end_at_step=10000,
+                     return_with_leftover_noise="disable")  # fmt: skip
+    vae_image = w.add("VAEDecode", "VAE Decode (512 px)", samples=finished[0], vae=vae[0])
+    pid_image = pid_decode(w, decoder, sampled[0])
+    both = w.add("ImageStitch", "VAE (left) | PiD (right)", image1=pid_image[0], direction="left",
+                 match_image_size=True, spacing_width=16, spacing_color="white", image2=vae_image[0])  # fmt: skip
+    out = save(w, both[0], "flux1_dev_vae_vs_pid")
+    w.column(unet, clip, vae, latent, decoder)
+    w.column(text, guidance, negative)
+    w.column(sampled, pid_image)
+    w.column(finished, vae_image)
+    w.column(both, out)
+    w.sizes[out.id] = [760, 440]
+    return w
+
+
+def z_image_turbo() -> Workflow:
+    w = Workflow(
+        "pid_z_image_turbo_4096px", "Z-Image-Turbo 1024 px → PiD 4096 px",
+        "Z-Image-Turbo is distilled to a few steps, so its run is not cut short: PiD KSampler runs all 9 steps "
+        "(auto exit decodes the final latent of runs of 10 steps or fewer) and PiD Decode writes a **4096 px** "
+        "picture from the 1024 px latent. Z-Image uses the Flux VAE's latents, so the Flux PiD checkpoint decodes "
+        "them.",
+        ["1024×1024 latent with the v1.5 2kto4k checkpoint (trained for 2048-4096 px output)",
+         "9 steps, cfg 1.0, res_multistep / simple, ModelSamplingAuraFlow shift 3 (as ComfyUI's template)",
+         "exit_step 0 (auto: the final latent, sigma 0)",
+         "PiD Decode: size native 4x, 4 steps"],
+    )  # fmt: skip
+    unet = w.add("UNETLoader", unet_name="z_image_turbo_bf16.safetensors", weight_dtype="default")
+    clip = w.add("CLIPLoader", clip_name="qwen_3_4b.safetensors", type="lumina2", device="default")
+    model = w.add("ModelSamplingAuraFlow", model=unet[0], shift=3.0)
+    text = w.prompt_text(w.add("CLIPTextEncode", "Prompt", text=PROMPTS["harbour"], clip=clip[0]))
+    negative = w.add("ConditioningZeroOut", "Negative (zero: cfg is 1)", conditioning=text[0])
+    latent = w.add("EmptySD3LatentImage", "Empty Latent Image (1024 px)", width=1024, height=1024, batch_size=1)
+    decoder = pid_loader(w, "PiD_v1pt5_res2kto4k_sr4x_official_flux_distill_4step")
+    sampled = pid_sampler(w, model, text, negative, latent, steps=9, cfg=1.0, sampler="res_multistep",
+                          scheduler="simple")  # fmt: skip
+    image = pid_decode(w, decoder, sampled[0])
+    out = save(w, image[0], "z_image_turbo_4096")
+    w.column(unet, clip, latent, decoder)
+    w.column(model, text, negative)
+    w.column(sampled, image)
+    w.column(out)
+    w.sizes[out.id] = [420, 460]
+    return w
+
+
+def sdxl() -> Workflow:
+    w = Workflow(
+        "pid_sdxl_4096px_early_exit", "SDXL 1024 px → PiD 4096 px (early exit)",
+        "PiD KSampler stops SDXL at step 26 of 30 (exit_step 0 = auto) and PiD Decode finishes the picture in pixel "
+        "space: 1024 px → **4096 px**. PiD reads SDXL's variance-preserving noise level from the latent's metadata.",
+        ["1024×1024 latent (or another SDXL resolution) with the 2kto4k SDXL checkpoint",
+         "30 steps, cfg 5.0, euler / normal; exit_step 0 (auto: step 26 of 30)",
+         "PiD Decode: size native 4x, 4 steps"],
+    )  # fmt: skip
+    ckpt = w.add("CheckpointLoaderSimple", ckpt_name="sd_xl_base_1.0.safetensors")
+    positive = w.prompt_text(w.add("CLIPTextEncode", "Positive prompt", text=PROMPTS["market"], clip=ckpt[1]))
+    negative = w.prompt_text(w.add("CLIPTextEncode", "Negative prompt", text=NEGATIVE, clip=ckpt[1]), negative=True)
+    latent = w.add("EmptyLatentImage", "Empty Latent Image (1024 px)", width=1024, height=1024, batch_size=1)
+    decoder = pid_loader(w, "PiD_res2kto4k_sr4x_official_sdxl_distill_4step")
+    sampled = pid_sampler(w, ckpt, positive, negative, latent, steps=30, cfg=5.0, sampler="euler", scheduler="normal")
+    image = pid_decode(w, decoder, sampled[0])
+    out = save(w, image[0], "sdxl_4096")
+    w.column(ckpt, latent, decoder)
+    w.column(positive, negative)
+    w.column(sampled, image)
+    w.column(out)
+    w.sizes[out.id] = [420, 460]
+    return w
+
+
+def sd35() -> Workflow:
+    w = Workflow(
+        "pid_sd3.5_large_4096px_early_exit", "SD3.5 Large 1024 px → PiD 4096 px (early exit)",
+        "PiD KSampler stops SD3.5 at step 24 of 28 (exit_step 0 = auto) and PiD Decode finishes the picture in pixel "
+        "space: 1024 px → **4096 px**. The same graph works for SD3 Medium and SD3.5 Medium checkpoints.",
+        ["1024×1024 latent with the 2kto4k SD3 checkpoint (the 2k one is for 512 px → 2048)",
+         "28 steps, cfg 4.5, euler / sgm_uniform; exit_step 0 (auto: step 24 of 28)",
+         "PiD Decode: size native 4x, 4 steps"],
+    )  # fmt: skip
+    ckpt = w.add("CheckpointLoaderSimple", ckpt_name="sd3.5_large_fp8_scaled.safetensors")
+    positive = w.prompt_text(w.add("CLIPTextEncode", "Positive prompt", text=PROMPTS["greenhouse"], clip=ckpt[1]))
+    negative = w.prompt_text(w.add("CLIPTextEncode", "Negative prompt", text=NEGATIVE, clip=ckpt[1]), negative=True)
+    latent = w.add("EmptySD3LatentImage", "Empty Latent Image (1024 px)", width=1024, height=1024, batch_size=1)
+    decoder = pid_loader(w, "PiD_res2kto4k_sr4x_official_sd3_distill_4step")
+    sampled = pid_sampler(w, ckpt, positive, negative, latent, steps=28, cfg=4.5, sampler="euler",
+                          scheduler="sgm_uniform")  # fmt: skip
+    image = pid_decode(w, decoder, sampled[0])
+    out = save(w, image[0], "sd3.5_large_4096")
+    w.column(ckpt, latent, decoder)
+    w.column(positive, negative)
+    w.column(sampled, image)
+    w.column(out)
+    w.sizes[out.id] = [420, 460]
+    return w
+
+
+def flux2_dev() -> Workflow:
+    w = Workflow(
+        "pid_flux2_dev_4096px_early_exit", "Flux.2-dev 1024 px → PiD 4096 px (early exit)",
+        "Flux.2 is sampled as in ComfyUI's template (SamplerCustomAdvanced with Flux2Scheduler). SplitSigmas stops "
+        "the run at step 46 of 50; PiD Tag Latent records where it stopped, and PiD Decode finishes the picture in "
+        "pixel space: 1024 px → **4096 px**.",
+        ["1024×1024 latent with the v1.5 2kto4k Flux.2 checkpoint; Flux2Scheduler width/height = the latent's",
+         "50 steps, FluxGuidance 4.0, euler; SplitSigmas step 46 (the reference's exit, 46 of 50)",
+         "fewer steps: split at the same fraction (e.g. 28 → 26)",
+         "PiD Decode: size native 4x, 4 steps"],
+    )  # fmt: skip
+    unet = w.add("UNETLoader", unet_name="flux2_dev_fp8mixed.safetensors", weight_dtype="default")
+    clip = w.add("CLIPLoader", clip_name="mistral_3_small_flux2_bf16.safetensors", type="flux2", device="default")
+    text = w.prompt_text(w.add("CLIPTextEncode", "Prompt", text=PROMPTS["library"], clip=clip[0]))
+    guidance = w.add("FluxGuidance", conditioning=text[0], guidance=4.0)
+    guider = w.add("BasicGuider", model=unet[0], conditioning=guidance[0])
+    noise = w.add("RandomNoise", noise_seed=SEED)
+    sampler = w.add("KSamplerSelect", sampler_name="euler")
+    schedule = w.add("Flux2Scheduler", steps=50, width=1024, height=1024)
+    split = w.add("SplitSigmas", "SplitSigmas (exit at step 46)", sigmas=schedule[0], step=46)
+    latent = w.add("EmptyFlux2LatentImage", "Empty Flux.2 Latent (1024 px)", width=1024, height=1024, batch_size=1)
+    sampled = w.add("SamplerCustomAdvanced", noise=noise[0], guider=guider[0], sampler=sampler[0], sigmas=split[0],
+                    latent_image=latent[0])  # fmt: skip
+    tagged = w.add(f"{PID}TagLatent", latent=sampled[0], latent_space="from model", sigma=0.0, sigmas=split[0],
+                   model=unet[0])  # fmt: skip
+    decoder = pid_loader(w, "PiD_v1pt5_res2kto4k_sr4x_official_flux2_distill_4step")
+    image = pid_decode(w, decoder, tagged[0])
+    out = save(w, image[0], "flux2_dev_4096")
+    w.column(unet, clip, latent, decoder)
+    w.column(text, guidance, guider)
+    w.column(noise, sampler, schedule, split)
+    w.column(sampled, tagged, image)
+    w.column(out)
+    w.sizes[out.id] = [420, 460]
+    return w
+
+
+def qwen_image() -> Workflow:
+    w = Workflow(
+        "pid_qwen_image_4096px_early_exit", "Qwen-Image 1024 px → PiD 4096 px (early exit)",
+        "PiD KSampler stops Qwen-Image at step 44 of 50 (exit_step 0 = auto) and PiD Decode finishes the picture in "
+        "pixel space: 1024 px → **4096 px**.",
+        ["1024×1024 latent with the v1.5 2kto4k Qwen-Image checkpoint (Qwen-Image's 1328 px would give 5312 px, "
+         "beyond the 4096 px it was trained for: use size 4096 in PiD Decode for it)",
+         "50 steps, cfg 4.0, euler / simple, ModelSamplingAuraFlow shift 3.1 (as ComfyUI's template); "
+         "exit_step 0 (auto: step 44 of 50)",
+         "PiD Decode: size native 4x, 4 steps"],
+    )  # fmt: skip
+    unet = w.add("UNETLoader", unet_name="qwen_image_fp8_e4m3fn.safetensors", weight_dtype="default")
+    clip = w.add("CLIPLoader", clip_name="qwen_2.5_vl_7b_fp8_scaled.safetensors", type="qwen_image", device="default")
+    model = w.add("ModelSamplingAuraFlow", model=unet[0], shift=3.1)
+    positive = w.prompt_text(w.add("CLIPTextEncode", "Positive prompt", text=PROMPTS["street"], clip=clip[0]))
+    negative = w.prompt_text(w.add("CLIPTextEncode", "Negative prompt", text="", clip=clip[0]), negative=True)
+    latent = w.add("EmptySD3LatentImage", "Empty Latent Image (1024 px)", width=1024, height=1024, batch_size=1)
+    decoder = pid_loader(w, "PiD_v1pt5_res2kto4k_sr4x_official_qwenimage_distill_4step")
+    sampled = pid_sampler(w, model, positive, negative, latent, steps=50, cfg=4.0, sampler="euler", scheduler="simple")
+    image = pid_decode(w, decoder, sampled[0])
+    out = save(w, image[0], "qwen_image_4096")
+    w.column(unet, clip, latent, decoder)
+    w.column(model, positive, negative)
+    w.column(sampled, image)
+    w.column(out)
+    w.sizes[out.id] = [420, 460]
+    return w
+
+
+def upscale_image() -> Workflow:
+    w = Workflow(
+        "pid_upscale_image_4x", "Upscale a picture 4× with PiD",
+        "PiD Encode Image turns the picture into a clean latent with the VAE chosen in Load PiD Decoder, and PiD "
+        "Decode redraws it at **4× its size** (a 1024 px picture becomes 4096 px). The picture is centre-cropped to a "
+        "multiple of 8 px.",
+        ["pictures of 512-1024 px with the v1.5 2kto4k checkpoint (output 2048-4096 px); up to about 512 px the 2k "
+         "checkpoint also works",
+         "the VAE must be the one of the checkpoint's family: ae.safetensors (Flux VAE) for the Flux checkpoints",
+         "PiD Decode: size native 4x, 4 steps, sigma 0 (set by PiD Encode Image)"],
+    )  # fmt: skip
+    picture = w.add("LoadImage", image="example.png")
+    decoder = pid_loader(w, "PiD_v1pt5_res2kto4k_sr4x_official_flux_distill_4step", vae_name="ae.safetensors")
+    latent = w.add(f"{PID}EncodeImage", pid_decoder=decoder[0], image=picture[0])
+    image = pid_decode(w, decoder, latent[0])
+    out = save(w, image[0], "upscaled_4x")
+    w.column(picture, decoder)
+    w.column(latent, image)
+    w.column(out)
+    w.sizes[picture.id] = [340, 400]
+    w.sizes[out.id] = [420, 460]
+    return w
+
+
+def workflows() -> list[Workflow]:
+    makers = [flux1_dev, flux1_dev_vs_vae, z_image_turbo, sdxl, sd35, flux2_dev, qwen_image, upscale_image]
+    return [make() for make in makers]
+
+
+# --- the frontend driver -----------------------------------------------------------------------------
+class FrontendError(RuntimeError):
+    pass
+
+
+class Frontend:
+    """``frontend.js`` in a child process: one headless Chromium page on the ComfyUI at ``url``."""
+
+    def __init__(self, url: str, timeout: float = 180):
+        missing = [p for p in (PLAYWRIGHT,) if not p.exists()]
+        if missing:
+            raise FrontendError(f"{missing[0]} is missing: run `bash scripts/setup_frontend.sh` first.")
+        self._stderr = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(
+            ["node", str(FRONTEND_JS), url], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+            text=True, cwd=REPO_ROOT,
+        )  # fmt: skip
+        self.ready_ms = self._answer(timeout)["ready_ms"]
+
+    def _answer(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            ready, _, _ = select.select([self.process.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if ready:
+                line = self.process.stdout.readline()
+                break
+            if time.monotonic() >= deadline:
+                self.close()
+                raise FrontendError(f"frontend.js gave no answer within {timeout:.0f} s. {self._stderr_tail()}")
+        if not line:
+            raise FrontendError(f"frontend.js exited (code {self.process.wait()}). {self._stderr_tail()}")
+        answer = json.loads(line)
+        if not answer.get("ok"):
+            raise FrontendError(f"frontend.js: {answer.get('error')}")
+        return answer
+
+    def _stderr_tail(self) -> str:
+        self._stderr.seek(0)
+        text = self._stderr.read().decode(errors="replace")[-3000:]
+        return f"Its stderr:\n{text}" if text else ""
+
+    def request(self, cmd: str, timeout: float = 120, **fields) -> dict:
+        self.process.stdin.write(json.dumps({"cmd": cmd, **fields}) + "\n")
+        self.process.stdin.flush()
+        return self._answer(timeout)
+
+    def check(self, workflow: dict) -> dict:
+        return self.request("check", workflow=workflow)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            try:
+                self.process.stdin.write(json.dumps({"cmd": "close"}) + "\n")
+                self.process.stdin.flush()
+                self.process.wait(timeout=20)
+            except (BrokenPipeError, subprocess.TimeoutExpired):
+                self.process.kill()
+                self.process.wait()
+        self._stderr.close()
+
+
+# --- building ----------------------------------------------------------------------------------------
+def load_module(name: str, path: Path):
+    """Import a file that is not on the import path (e.g. a conftest.py) as module ``name``, once."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def build(frontend: Frontend, workflow: Workflow, out_dir: Path) -> Path:
+    answer = frontend.request(
+        "build", name=workflow.name, prompt=workflow.prompt, columns=workflow.columns, sizes=workflow.sizes,
+        colors=workflow.colors, models=workflow.models_metadata(),
+        note={"title": "Read me: files and settings", "text": workflow.note(), "width": NOTE_WIDTH},
+        thumbnail=str(out_dir / f"{workflow.name}.jpg"),
+    )  # fmt: skip
+    path = out_dir / f"{workflow.name}.json"
+    path.write_text(json.dumps(answer["workflow"], indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def main(argv: list[str]) -> int:
+    selected = [w for w in workflows() if not argv or any(a in w.name for a in argv)]
+    if not selected:
+        print(f"no workflow matches {argv}", file=sys.stderr)
+        return 2
+    comfy = load_module("pid_comfy_conftest", REPO_ROOT / "tests" / "comfy" / "conftest.py")
+    with tempfile.TemporaryDirectory(prefix="pid-build-workflows-") as tmp:
+        server = comfy.start_server(Path(tmp) / "base")
+        # ComfyUI's own sample picture, which the upscale workflow loads (and its thumbnail shows).
+        shutil.copy(comfy.COMFYUI_DIR / "input" / "example.png", server.input_dir)
+        frontend = None
+        try:
+            frontend = Frontend(server.url)
+            WORKFLOWS_DIR.mkdir(exist_ok=True)
+            for workflow in selected:
+                path = build(frontend, workflow, WORKFLOWS_DIR)
+                print(f"wrote {path.relative_to(REPO_ROOT)} and its .jpg")
+        finally:
+            if frontend is not None:
+                frontend.close()
+            comfy.stop(server.process)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,154 @@
+"""Fixtures of the workflow tests: a test ComfyUI, the files the shipped workflows load, one frontend page.
+
+``comfy_server`` is the server of ``tests/comfy/conftest.py`` (started with the same code: the pack and
+the test pack linked in, on a free loopback port), once per session. ``workflow_files`` puts into its
+folders what the workflows name and the tests do not replace: a tiny PiD checkpoint in the official
+layout for every ``pid_name`` (``models/pid/<official folder>/model_ema_bf16.pth``), a seeded random
+full-size Flux VAE for every VAE file name, and a picture for every Load Image. ``frontend`` is one
+headless Chromium page on the server's own frontend, driven by ``frontend.js``, shared by all tests.
+
+Everything here is marked ``comfy`` (it needs the server), like ``tests/comfy``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+
+def _load_build_module():
+    name = "pid_build_workflows"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, HERE / "build_workflows.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+BUILD = _load_build_module()
+COMFY = BUILD.load_module("pid_comfy_conftest", HERE.parent / "comfy" / "conftest.py")
+
+VAE_SEED = 0
+PID_SEED = 0
+# The picture Load Image reads: its sides are not multiples of 8, so PiD Encode Image's crop runs.
+INPUT_PICTURE_SIZE = (75, 66)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if HERE in Path(item.path).resolve().parents:
+            item.add_marker(pytest.mark.comfy)
+
+
+def shipped_workflows() -> dict[str, dict]:
+    """name -> UI-format workflow, for every ``workflows/*.json``."""
+    return {p.stem: json.loads(p.read_text()) for p in sorted(BUILD.WORKFLOWS_DIR.glob("*.json"))}
+
+
+def loader_files() -> dict[str, set[str]]:
+    """folder -> names of the files the workflows load ("input" for Load Image's pictures)."""
+    files: dict[str, set[str]] = {}
+    for definition in BUILD.workflows():
+        for folder, name in definition.files():
+            files.setdefault(folder, set()).add(name)
+        for node in definition.prompt.values():
+            if node["class_type"] == "LoadImage":
+                files.setdefault("input", set()).add(node["inputs"]["image"])
+    return files
+
+
+def write_pid_checkpoint(models_dir: Path, pid_name: str) -> None:
+    """A tiny random network of the released checkpoint whose official folder ``pid_name`` names."""
+    import torch
+    from tiny import tiny_network  # tests/core (on pytest's pythonpath)
+
+    from pid_core.config import RELEASED_CHECKPOINTS
+
+    folder, file_name = pid_name.split("/")
+    released = [c for c in RELEASED_CHECKPOINTS if c.experiment == folder]
+    assert released and file_name == BUILD.PID_FILE, (
+        f"{pid_name} is not <official checkpoint folder>/{BUILD.PID_FILE}; the official folders are "
+        f"{[c.experiment for c in RELEASED_CHECKPOINTS]}"
+    )
+    state = tiny_network(released[0].name, PID_SEED).state_dict()
+    path = models_dir / "pid" / folder / file_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({f"net.{k}": v.to(torch.bfloat16) for k, v in state.items()}, path)
+
+
+def write_random_vae(path: Path) -> None:
+    result = subprocess.run(
+        [str(COMFY.VENV_PYTHON), str(HERE / "random_vae.py"), str(path), str(VAE_SEED)],
+        cwd=COMFY.COMFYUI_DIR, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0 and path.is_file(), f"random_vae.py failed:\n{result.stdout}\n{result.stderr}"
+
+
+def write_picture(path: Path) -> None:
+    """A smooth colour gradient with a few shapes (a stand-in photo; deterministic)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    width, height = INPUT_PICTURE_SIZE
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([x * 255 // width, y * 255 // height, (x + y) * 127 // (width + height) + 64], axis=-1)
+    picture = Image.fromarray(pixels.astype(np.uint8))
+    draw = ImageDraw.Draw(picture)
+    draw.ellipse((10, 8, 40, 38), fill=(240, 220, 40))
+    draw.rectangle((45, 30, 70, 60), fill=(30, 60, 200))
+    picture.save(path)
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory):
+    """The test ComfyUI of tests/comfy (see its conftest), started once for these tests."""
+    client = COMFY.start_server(tmp_path_factory.mktemp("comfyui-base"))
+    try:
+        yield client
+    finally:
+        COMFY.stop(client.process)
+
+
+@pytest.fixture(scope="session")
+def workflow_files(comfy_server) -> dict[str, set[str]]:
+    """Writes what the workflows load and the tests keep; returns folder -> file names written."""
+    written: dict[str, set[str]] = {}
+    for folder, names in loader_files().items():
+        for name in sorted(names):
+            if folder == "pid":
+                write_pid_checkpoint(comfy_server.models_dir, name)
+            elif folder == "vae":
+                write_random_vae(comfy_server.models_dir / "vae" / name)
+            elif folder == "input":
+                write_picture(comfy_server.input_dir / name)
+            else:
+                continue  # diffusion models, checkpoints, text encoders: their loaders are replaced
+            written.setdefault(folder, set()).add(name)
+    return written
+
+
+@pytest.fixture(scope="session")
+def input_picture_size() -> tuple[int, int]:
+    """(width, height) of the picture ``workflow_files`` writes for Load Image."""
+    return INPUT_PICTURE_SIZE
+
+
+@pytest.fixture(scope="session")
+def frontend(comfy_server, workflow_files):
+    """One headless Chromium page on the server's frontend (after the files exist, so the frontend lists them)."""
+    try:
+        driver = BUILD.Frontend(comfy_server.url)
+    except BUILD.FrontendError as err:
+        hint = "scripts/setup_frontend.sh installs chromium and playwright-core; scripts/test.sh runs it."
+        pytest.fail(f"{err}\n({hint})", pytrace=False)
+    try:
+        yield driver
+    finally:
+        driver.close()
