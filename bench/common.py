@@ -124,6 +124,7 @@ def measure(
         "estimate_weights": plan.memory.weights,
         "plan": plan.describe(),
         "tiles": plan.tiles.count if plan.tiles else 1,
+        "tiling": plan.tiles.describe() if plan.tiles else "whole",
         "tile_pixels": list(plan.tiles.tile_pixels) if plan.tiles else None,
         "tile_rows": [r * 16 for r in plan.tiles.rows] if plan.tiles else None,
         "tile_cols": [c * 16 for c in plan.tiles.cols] if plan.tiles else None,

@@ -85,7 +85,7 @@ def agreement(size: int, weights: str | None, workdir: Path) -> dict:
     lines = (tiled["tile_rows"], tiled["tile_cols"], tuple(tiled["tile_pixels"]))
     return {
         "size": size,
-        "tiles": tiled["plan"],
+        "tiles": tiled["tiling"],
         "psnr_db": psnr(tiled_img, whole_img),
         "seam_tiled": seam_score(tiled_img, *lines),
         "seam_whole": seam_score(whole_img, *lines),

@@ -111,9 +111,13 @@ class DecodePlan:
         return self.budget is None or self.memory.activations <= self.budget
 
     def describe(self) -> str:
-        how = "whole" if self.tiles is None else self.tiles.describe()
+        how = "whole" if self.tiles is None else f"in {self.tiles.describe()}"
+        m = self.memory
         free = "" if self.budget is None else f"; {self.budget / GB:.1f} GB of working memory available"
-        return f"{self.width}x{self.height} px {how}: needs {self.memory.describe().removeprefix('about ')}{free}"
+        return (
+            f"{self.width}x{self.height} px {how}: about {m.total / GB:.1f} GB ({m.weights / GB:.1f} GB weights + "
+            f"{m.activations / GB:.1f} GB working memory){free}"
+        )
 
 
 def plan_decode(

@@ -23,7 +23,7 @@ import torch
 from .config import NetworkConfig
 from .network import PIXEL_CHUNK_PATCHES, PiDNetwork
 
-GB = 1024**3
+GB = 1024**3  # as ComfyUI reports memory: "GB" means 2**30 bytes
 
 # What a real process needs beyond its tensors: kernel code paged in on first use, thread-local buffers of
 # the matrix and attention kernels, allocator slack. Measured on CPU (bench/memory_check.py); on CUDA the

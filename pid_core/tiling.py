@@ -113,7 +113,11 @@ def blend_weights(length: int, origins: list[int], tile: int) -> list[torch.Tens
 
 
 def plan_tiles(
-    grid: tuple[int, int], tile: int | tuple[int, int], overlap: int | None = None, patch_size: int = 16, tile_batch: int = 1
+    grid: tuple[int, int],
+    tile: int | tuple[int, int],
+    overlap: int | None = None,
+    patch_size: int = 16,
+    tile_batch: int = 1,
 ) -> TilePlan:
     """A plan of tiles of ``tile`` patches (clamped to the grid) overlapping by at least ``overlap`` patches
     (default: a quarter of the tile, at least 2)."""
@@ -144,7 +148,8 @@ def choose_plan(
 
     "auto" decodes whole when that fits ``budget`` bytes of working memory (or when no budget is known), and
     tiles otherwise; "on" always tiles. ``tile_size`` (pixels, a multiple of the patch size) fixes the tile;
-    without it, the fewest tiles per side whose decode fits ``budget`` ("on": tiles of at most 1024 px). Tiles are batched when several fit the budget at once (up to the whole image's pixels per call).
+    without it, the fewest tiles per side whose decode fits ``budget`` ("on": tiles of at most 1024 px).
+    Tiles are batched when several fit the budget at once (up to the whole image's pixels per call).
     """
     if mode not in TILING_MODES:
         raise ValueError(f"Unknown tiling mode {mode!r}; choose one of: {', '.join(TILING_MODES)}.")
@@ -177,7 +182,9 @@ def choose_plan(
     return plan
 
 
-def _tile_for_budget(need: Callable[..., int], grid: tuple[int, int], p: int, budget: int | None, cap: int | None) -> int:
+def _tile_for_budget(
+    need: Callable[..., int], grid: tuple[int, int], p: int, budget: int | None, cap: int | None
+) -> int:
     """The tile side (pixels) of the fewest tiles per side, overlapping by a quarter, whose decode fits ``budget``.
 
     n tiles of side T with overlap T/4 cover ``T (1 + 3 (n - 1) / 4)``, so T is the long side over that.
