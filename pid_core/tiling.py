@@ -149,7 +149,7 @@ def choose_plan(
     "auto" decodes whole when that fits ``budget`` bytes of working memory (or when no budget is known), and
     tiles otherwise; "on" always tiles. ``tile_size`` (pixels, a multiple of the patch size) fixes the tile;
     without it, the fewest tiles per side whose decode fits ``budget`` ("on": tiles of at most 1024 px).
-    Tiles are batched when several fit the budget at once (up to the whole image's pixels per call).
+    Small tiles are batched when several fit the budget at once (up to 1024 x 1024 pixels per call).
     """
     if mode not in TILING_MODES:
         raise ValueError(f"Unknown tiling mode {mode!r}; choose one of: {', '.join(TILING_MODES)}.")
@@ -173,8 +173,9 @@ def choose_plan(
     if mode == "auto" and plan.count == 1:
         return None
     if budget is not None and plan.count > 1:
-        # batch tiles while they fit, but never more pixels per call than the whole image has
-        most = max(1, (grid[0] * grid[1]) // (plan.tile[0] * plan.tile[1]))
+        # batch small tiles while they fit, up to a 1024 px tile's worth of pixels per call: larger calls keep a
+        # GPU no busier (and a CPU not at all), they only take more memory
+        most = max(1, (DEFAULT_TILE // p) ** 2 // (plan.tile[0] * plan.tile[1]))
         tile_batch = 1
         while tile_batch < min(plan.count, most) and need(plan.tile_pixels, tile_batch + 1) <= budget:
             tile_batch += 1

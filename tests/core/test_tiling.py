@@ -220,7 +220,9 @@ def test_choose_plan_modes():
     assert choose_plan(cfg, 2048, 2048, mode="auto", tile_size=512, budget=1).tile_pixels == (512, 512)
     on = choose_plan(cfg, 2048, 2048, mode="on", budget=10**12)
     assert on is not None and on.tile_pixels == (832, 832) and on.count == 9  # 3 per side: 1024 px at most
-    assert on.tile_batch == 6  # batched while they fit, up to the whole image's pixels per call
+    assert on.tile_batch == 1  # big tiles one at a time
+    small = choose_plan(cfg, 2048, 2048, mode="on", tile_size=256, budget=10**12)
+    assert small.count == 121 and small.tile_batch == 16  # small ones batched, up to 1024 x 1024 px per call
     fixed = choose_plan(cfg, 2000 // 16 * 16, 1024, mode="on", tile_size=512)
     assert fixed.tile_pixels == (512, 512) and fixed.tile_batch == 1
     with pytest.raises(ValueError, match="multiple of 16"):
