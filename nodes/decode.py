@@ -15,7 +15,9 @@ import comfy.utils
 
 from ..pid_core.api import decode
 from ..pid_core.config import LatentSpace
+from ..pid_core.memory import SAFETY
 from ..pid_core.sampler import MAX_STEPS
+from ..pid_core.tiling import TILING_MODES
 from . import metadata
 from .common import CATEGORY, NODE_PREFIX, PiDDecoderType
 
@@ -94,27 +96,46 @@ class PiDDecode(io.ComfyNode):
                     tooltip="The caption from PiD Caption (or a [B, 300, 2304] conditioning). Without it PiD decodes "
                     "with an empty caption, at some cost in detail.",
                 ),
+                io.Combo.Input(
+                    "tiling", options=list(TILING_MODES), default=TILING_MODES[0], optional=True,
+                    tooltip="auto: decode in overlapping tiles only when the whole picture would not fit in memory "
+                    "(a batch goes a few pictures at a time first); on: always tile; off: never tile.",
+                ),
+                io.Int.Input(
+                    "tile_size", default=0, min=0, max=8192, step=16, optional=True,
+                    tooltip="Tile side in pixels, a multiple of 16, used when tiling; 0 picks the largest that fits "
+                    "(at most 1024 px when tiling is on). Tiles overlap by a quarter and blend without seams.",
+                ),
             ],
             outputs=[io.Image.Output(display_name="image")],
         )
 
     @classmethod
-    def execute(cls, pid_decoder, latent, size, steps, seed, sigma, latent_space, caption=None) -> io.NodeOutput:
+    def execute(
+        cls, pid_decoder, latent, size, steps, seed, sigma, latent_space, caption=None, tiling="auto", tile_size=0
+    ) -> io.NodeOutput:
         sigmas, space = _latent_inputs(latent, sigma, latent_space)
         patcher = pid_decoder.patcher
         mm.load_models_gpu([patcher])
+        device = patcher.load_device
         pbar = comfy.utils.ProgressBar(steps)
 
-        def progress(step: int, total: int, x0: torch.Tensor) -> None:
+        def network_call(step: int, done: int, calls: int) -> None:
+            # one tick per network call (a group of pictures or of tiles), so long steps show progress too
             mm.throw_exception_if_processing_interrupted()
-            pbar.update_absolute(step + 1, total, _preview(x0))
+            pbar.update_absolute(step * calls + done, steps * calls)
+
+        def step_done(step: int, total: int, x0: torch.Tensor) -> None:
+            mm.throw_exception_if_processing_interrupted()
+            pbar.update_absolute(pbar.current, pbar.total, _preview(x0))
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             image = decode(
                 patcher.model, latent["samples"], space=space, sigma=sigmas, caption=_caption(caption),
-                size=_size(size), steps=steps, seed=seed, info=pid_decoder.info, callback=progress,
-                device=patcher.load_device,
+                size=_size(size), steps=steps, seed=seed, info=pid_decoder.info, callback=step_done,
+                device=device, tiling=tiling, tile_size=tile_size or None,
+                memory_budget=int(mm.get_free_memory(device) * SAFETY), call_callback=network_call,
             )
         for warning in caught:
             log.warning("PiD Decode: %s", warning.message)

@@ -10,6 +10,7 @@ nodes hand in the network their model management loaded).
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -21,15 +22,17 @@ import torch
 from .checkpoint import CheckpointError, CheckpointInfo, LoadedCheckpoint, check_keys, load_checkpoint
 from .config import LatentSpace
 from .latents import SigmaLike, sigma_tensor, to_network_latent
-from .memory import GB, SAFETY, MemoryEstimate, available_memory, estimate
+from .memory import GB, SAFETY, MemoryEstimate, available_memory, estimate, items_that_fit
 from .network import PiDNetwork
 from .sampler import sample
 from .sizes import SizeLike, output_size, training_range_warning
 from .tiling import TilePlan, choose_plan, tiled_forward
 
+log = logging.getLogger(__name__)
+
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
 StepCallback = Callable[[int, int, torch.Tensor], None]
-TileProgress = Callable[[int, int, int], None]  # (step index, tiles done in this step, tiles per step)
+CallProgress = Callable[[int, int, int], None]  # (step index, network calls done in this step, calls per step)
 
 
 def build_network(
@@ -98,11 +101,13 @@ def _resolve_space(space: LatentSpace | str | None, info: CheckpointInfo | None)
 
 @dataclass(frozen=True)
 class DecodePlan:
-    """How a decode will run: output size, whole or tiled, and the memory that needs."""
+    """How a decode will run: output size, images per network call, whole or tiled, and the memory that needs."""
 
     height: int
     width: int
-    tiles: TilePlan | None  # None: the whole image in one network call
+    batch: int
+    items_per_call: int  # images that go through the network together (tiled: one at a time)
+    tiles: TilePlan | None  # None: whole images
     memory: MemoryEstimate
     budget: int | None  # bytes of working memory the plan was made for (None: unknown)
 
@@ -110,8 +115,16 @@ class DecodePlan:
     def fits(self) -> bool:
         return self.budget is None or self.memory.activations <= self.budget
 
+    @property
+    def calls_per_step(self) -> int:
+        """Network calls per sampler step: one per group of images, times the tile groups of each."""
+        groups = -(-self.batch // self.items_per_call)
+        return groups * (1 if self.tiles is None else -(-self.tiles.count // self.tiles.tile_batch))
+
     def describe(self) -> str:
         how = "whole" if self.tiles is None else f"in {self.tiles.describe()}"
+        if self.items_per_call < self.batch:
+            how += f", {self.items_per_call} of the {self.batch} images at a time"
         m = self.memory
         free = "" if self.budget is None else f"; {self.budget / GB:.1f} GB of working memory available"
         return (
@@ -134,7 +147,8 @@ def plan_decode(
 ) -> DecodePlan:
     """Whole or tiled, and the memory estimate, for decoding ``batch`` images of ``height`` x ``width`` pixels.
 
-    ``tiling``: "auto" tiles only when the whole image would not fit, "off" never tiles, "on" always does.
+    Images go through the network as many at a time as fit the budget. ``tiling``: "auto" tiles only when
+    one whole image would not fit, "off" never tiles, "on" always does (one image at a time).
     ``tile_size``: pixels, a multiple of 16, used when tiling (None: the largest that fits, at most 1024 px
     for "on"). ``memory_budget``: bytes of working
     memory the decode may use beyond the loaded weights (None: 80% of what is free on ``device`` now).
@@ -146,14 +160,21 @@ def plan_decode(
     if budget is None and (free := available_memory(device)) is not None:
         budget = int(free * SAFETY)
     config = network.config
+    per_call = batch
+    if budget is not None and tiling != "on":
+        per_call = items_that_fit(config, height, width, batch=batch, budget=budget, compute_dtype=dtype,
+                                  weight_dtype=param.dtype, pixel_chunk=network.pixel_chunk)
+    if tiling == "on" or (tiling == "auto" and per_call == 0):
+        per_call = 1
     tiles = choose_plan(config, height, width, mode=tiling, tile_size=tile_size, budget=budget, batch=batch,
-                        compute_dtype=dtype, weight_dtype=param.dtype)
+                        items_per_call=per_call, compute_dtype=dtype, weight_dtype=param.dtype)
+    per_call = max(per_call, 1)  # "off" with not even one image fitting: one at a time, and a warning
     memory = estimate(
         config, height, width, batch=batch, weight_dtype=param.dtype, compute_dtype=dtype,
         tile=tiles.tile_pixels if tiles else None, tile_batch=tiles.tile_batch if tiles else 1,
-        tiles=tiles.count if tiles else 1, pixel_chunk=network.pixel_chunk,
+        tiles=tiles.count if tiles else 1, items_per_call=per_call, pixel_chunk=network.pixel_chunk,
     )
-    return DecodePlan(height, width, tiles, memory, budget)
+    return DecodePlan(height, width, batch, per_call, tiles, memory, budget)
 
 
 def decode(
@@ -175,7 +196,7 @@ def decode(
     tiling: str = "auto",
     tile_size: int | None = None,
     memory_budget: int | None = None,
-    tile_callback: TileProgress | None = None,
+    call_callback: CallProgress | None = None,
 ) -> torch.Tensor:
     """Decode a ComfyUI-convention latent with ``network``; returns the image [B, 3, H, W] in [-1, 1] (float32, CPU).
 
@@ -183,7 +204,8 @@ def decode(
     dtype; bf16 runs under autocast as the reference does, fp32 gives exact parity). ``info`` (from loading)
     lets the latent space and training range be checked; ``callback(step, total, x0)`` reports progress and
     may raise to cancel. ``tiling``, ``tile_size`` and ``memory_budget`` choose whole or tiled decoding (see
-    :func:`plan_decode`); ``tile_callback(step, done, total)`` runs after each tile (it may raise to cancel).
+    :func:`plan_decode`); ``call_callback(step, done, total)`` runs after each network call, one per group of
+    images or of tiles (it may raise to cancel).
     """
     space = _resolve_space(space, info)
     z = to_network_latent(latent, space, sigma, flux2_bn)
@@ -203,6 +225,7 @@ def decode(
     dtype = compute_dtype or param.dtype
     plan = plan_decode(network, height, width, batch=batch, tiling=tiling, tile_size=tile_size,
                        memory_budget=memory_budget, device=device, compute_dtype=dtype)
+    log.info("PiD decode: %s", plan.describe())
     if not plan.fits:
         warnings.warn(
             f"PiD may run out of memory: {plan.describe()}. Use tiling with a smaller tile size, a smaller output "
@@ -214,18 +237,38 @@ def decode(
     z = z.to(device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     grid = (height // config.patch_size, width // config.patch_size)
+    groups = [slice(i, i + plan.items_per_call) for i in range(0, batch, plan.items_per_call)]
     with torch.inference_mode(), autocast:
-        lq_tokens = network.project_latent(z, grid)  # once per decode: they depend on the latent only
-    calls = 0
+        # once per decode, as they depend on the latent only; kept per group as the network made them (a copy
+        # into one tensor would change their memory layout, and with it the bf16 rounding of the matrix kernels)
+        lq_tokens = [network.project_latent(z[g], grid) for g in groups]
+    steps_done = 0
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        nonlocal calls
-        step, calls = calls, calls + 1
-        with torch.inference_mode(), autocast:
-            if plan.tiles is None:
-                return network(x, t, y, None, sig, lq_tokens=lq_tokens).float()
-            progress = (lambda done, total: tile_callback(step, done, total)) if tile_callback else None
-            return tiled_forward(network, x, t, y, sig, lq_tokens, plan.tiles, progress)
+        nonlocal steps_done
+        step, steps_done = steps_done, steps_done + 1
+        calls_done = 0
+
+        def called(*_) -> None:
+            nonlocal calls_done
+            calls_done += 1
+            if call_callback is not None:
+                call_callback(step, calls_done, plan.calls_per_step)
+
+        def forward(g: slice, lq: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode(), autocast:
+                if plan.tiles is not None:
+                    return tiled_forward(network, x[g], t[g], y[g], sig[g], lq, plan.tiles, called)
+                v = network(x[g], t[g], y[g], None, sig[g], lq_tokens=lq).float()
+            called()
+            return v
+
+        if len(groups) == 1:
+            return forward(groups[0], lq_tokens[0])
+        v = torch.empty_like(x)
+        for g, lq in zip(groups, lq_tokens):
+            v[g] = forward(g, lq)
+        return v
 
     x0 = sample(denoise, (batch, 3, height, width), seed=seed, steps=steps, schedule=schedule, device=device, callback=callback)
     return x0.clamp(-1.0, 1.0).cpu()

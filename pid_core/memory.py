@@ -135,26 +135,33 @@ def activation_bytes(
     weight_dtype: torch.dtype | None = None,
     tile: tuple[int, int] | None = None,
     tile_batch: int = 1,
+    items_per_call: int | None = None,
     pixel_chunk: int | None = PIXEL_CHUNK_PATCHES,
 ) -> dict[str, int]:
     """Peak bytes of a decode's working memory by phase; the peak itself is ``max(result.values())``.
 
-    ``tile`` (pixels) and ``tile_batch`` describe a tiled decode (None: whole image). ``weight_dtype`` other
-    than the compute dtype adds the per-call cast of the largest weight (fp32 weights under bf16 autocast).
+    ``tile`` (pixels) and ``tile_batch`` describe a tiled decode (None: whole image). ``items_per_call`` of the
+    ``batch`` images go through the network together (None: all). ``weight_dtype`` other than the compute dtype
+    adds the per-call cast of the largest weight (fp32 weights under bf16 autocast).
     """
     c = config
     a = _bytes(compute_dtype)
+    per_call = batch if items_per_call is None else min(items_per_call, batch)
     whole_pixels = batch * height * width
     whole_tokens = whole_pixels // c.patch_size**2
     lq_tokens = whole_tokens * c.lq_hidden_dim * a
+    call_tokens = per_call * height * width // c.patch_size**2
+    other_lq_tokens = (whole_tokens - call_tokens) * c.lq_hidden_dim * a  # those of the other groups of images
     # the sampler's image, previous estimate and fresh noise (fp32), and the network output in fp32
     state = whole_pixels * 3 * 4 * 2
     if tile is None:
-        phases = call_phases(c, height, width, items=batch, compute_dtype=compute_dtype, pixel_chunk=pixel_chunk)
-        phases = {k: v + state for k, v in phases.items()}
+        phases = call_phases(c, height, width, items=per_call, compute_dtype=compute_dtype, pixel_chunk=pixel_chunk)
+        # with the batch split, the group's output copy and the velocity being assembled
+        split = 0 if per_call == batch else (per_call + batch) * height * width * 3 * 4 + other_lq_tokens
+        phases = {k: v + state + split for k, v in phases.items()}
     else:
         th, tw = tile
-        items = batch * tile_batch
+        items = per_call * tile_batch
         phases = call_phases(c, th, tw, items=items, compute_dtype=compute_dtype, pixel_chunk=pixel_chunk)
         # the blended output, and each tile's input crop and output
         tiled_state = state + whole_pixels * 3 * 4 + items * th * tw * 3 * (4 + 4 + a) + lq_tokens
@@ -162,12 +169,18 @@ def activation_bytes(
     if weight_dtype is not None and weight_dtype != compute_dtype:
         cast = _parameter_counts(c)[1] * a
         phases = {k: v + cast for k, v in phases.items()}
-    # once per decode: the LQ projection's convolutions on the whole patch grid (GroupNorms in fp32)
-    phases["lq"] = whole_tokens * c.lq_hidden_dim * 4 * a + state
+    # once per decode, a group of images at a time: the LQ projection's convolutions on the patch grid (GroupNorms
+    # in fp32), beside the tokens of the groups done
+    phases["lq"] = call_tokens * c.lq_hidden_dim * 4 * a + state + other_lq_tokens
     # the sampler's update x0 = x - t v in float64 on the whole image: x, v and the previous x0 in fp32, and
     # three float64 temporaries; the floor of a tiled decode (1.7 GB at 4096 px)
     phases["sampler"] = whole_pixels * 3 * (3 * 4 + 3 * 8) + lq_tokens
     return phases
+
+
+def working_bytes(phases: dict[str, int]) -> int:
+    """The working memory a decode plans for: the peak of its phases plus the runtime's own overhead."""
+    return max(phases.values()) + RUNTIME_OVERHEAD
 
 
 def estimate(
@@ -181,6 +194,7 @@ def estimate(
     tile: tuple[int, int] | None = None,
     tile_batch: int = 1,
     tiles: int = 1,
+    items_per_call: int | None = None,
     pixel_chunk: int | None = PIXEL_CHUNK_PATCHES,
 ) -> MemoryEstimate:
     """Memory of decoding ``batch`` images of ``height`` x ``width`` pixels, whole or in ``tile``-sized tiles.
@@ -190,14 +204,34 @@ def estimate(
     compute_dtype = compute_dtype or weight_dtype
     phases = activation_bytes(
         config, height, width, batch=batch, compute_dtype=compute_dtype, weight_dtype=weight_dtype,
-        tile=tile, tile_batch=tile_batch, pixel_chunk=pixel_chunk,
+        tile=tile, tile_batch=tile_batch, items_per_call=items_per_call, pixel_chunk=pixel_chunk,
     )
     return MemoryEstimate(
         weights=weight_bytes(config, weight_dtype),
-        activations=max(phases.values()) + RUNTIME_OVERHEAD,
+        activations=working_bytes(phases),
         tiles=tiles,
         phases=phases,
     )
+
+
+def items_that_fit(
+    config: NetworkConfig,
+    height: int,
+    width: int,
+    *,
+    batch: int,
+    budget: int,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    weight_dtype: torch.dtype | None = None,
+    pixel_chunk: int | None = PIXEL_CHUNK_PATCHES,
+) -> int:
+    """How many of ``batch`` whole images one network call can take within ``budget`` bytes (0: not even one)."""
+    for items in range(batch, 0, -1):
+        phases = activation_bytes(config, height, width, batch=batch, compute_dtype=compute_dtype,
+                                  weight_dtype=weight_dtype, items_per_call=items, pixel_chunk=pixel_chunk)
+        if working_bytes(phases) <= budget:
+            return items
+    return 0
 
 
 def available_memory(device: torch.device | str) -> int | None:

@@ -25,7 +25,7 @@ from functools import cached_property
 import torch
 
 from .config import NetworkConfig
-from .memory import activation_bytes
+from .memory import activation_bytes, working_bytes
 from .network import PiDNetwork, Window
 
 TILING_MODES = ("auto", "off", "on")
@@ -141,6 +141,7 @@ def choose_plan(
     tile_size: int | None = None,
     budget: int | None = None,
     batch: int = 1,
+    items_per_call: int | None = None,
     compute_dtype: torch.dtype = torch.bfloat16,
     weight_dtype: torch.dtype | None = None,
 ) -> TilePlan | None:
@@ -162,8 +163,9 @@ def choose_plan(
 
     def need(tile: tuple[int, int] | None, tile_batch: int = 1) -> int:
         phases = activation_bytes(config, height, width, batch=batch, compute_dtype=compute_dtype,
-                                  weight_dtype=weight_dtype, tile=tile, tile_batch=tile_batch)
-        return max(phases.values())
+                                  weight_dtype=weight_dtype, tile=tile, tile_batch=tile_batch,
+                                  items_per_call=items_per_call)
+        return working_bytes(phases)
 
     if mode == "auto" and (budget is None or need(None) <= budget):
         return None

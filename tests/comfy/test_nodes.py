@@ -137,11 +137,11 @@ def loader(g: Graph, pid_name: str = FLUX_PID, latent_space: str = "auto", weigh
 
 
 def decode(g: Graph, decoder: str, latent: list, seed: int = 0, sigma=0.0, latent_space: str = "auto",
-           steps: int = 4, record: str | None = None) -> str:
+           steps: int = 4, record: str | None = None, **tiling) -> str:
     if record is not None:
         decoder = g.node("PiDTestRecordDecoder", pid_decoder=out(decoder), name=record)
     return g.node("PixelDecoderPiD_Decode", pid_decoder=out(decoder), latent=latent, size="native 4x", steps=steps,
-                  seed=seed, sigma=sigma, latent_space=latent_space)
+                  seed=seed, sigma=sigma, latent_space=latent_space, **tiling)
 
 
 def save_values(g: Graph, name: str, **values) -> str:
@@ -539,6 +539,27 @@ def test_node_decode_equals_pid_core_decode(comfy_server, pid_models, weight_dty
     assert torch.equal(values["image"], ((reference + 1) * 0.5).permute(0, 2, 3, 1))
 
 
+def test_node_tiles_on_request_and_equals_pid_core_tiled(comfy_server, pid_models):
+    g = Graph()
+    sampler = Diffusion(g, "flux")
+    early = sampler.pid_ksampler(EXIT_STEP)
+    file_node = g.node("SaveLatent", samples=out(early), filename_prefix="pidtest/e-tiled")
+    dec = decode(g, loader(g, weight_dtype="fp32"), out(early), seed=5, tiling="on", tile_size=64)
+    save_values(g, "e-tiled", image=out(dec), value=out(early, 1))
+    entry = comfy_server.run(g)
+
+    values, _ = record(comfy_server, "e-tiled")
+    latent = read_latent_file(saved_latent_path(comfy_server, entry, file_node))
+    decoder = PiDDecoder.load(pid_models / FLUX_PID, precision="fp32")
+    kwargs = dict(sigma=float(values["value"]), size="native", steps=4, seed=5)
+    with pytest.warns(UserWarning):
+        tiled = decoder.decode(latent, tiling="on", tile_size=64, **kwargs)
+        whole = decoder.decode(latent, tiling="off", **kwargs)
+    assert torch.equal(values["image"], ((tiled + 1) * 0.5).permute(0, 2, 3, 1))
+    assert not torch.equal(tiled, whole)  # it really tiled
+    assert "PiD decode: " in comfy_server.log() and "tiles of 64x64 px" in comfy_server.log()
+
+
 # --- (f) PiD Encode Image -----------------------------------------------------------------------------------
 
 
@@ -629,7 +650,8 @@ DOCUMENTED = {
     ),
     "PixelDecoderPiD_TagLatent": (["latent", "latent_space", "sigma"], ["sigmas", "model"], ["LATENT", "FLOAT"]),
     "PixelDecoderPiD_Decode": (
-        ["pid_decoder", "latent", "size", "steps", "seed", "sigma", "latent_space"], ["caption"], ["IMAGE"],
+        ["pid_decoder", "latent", "size", "steps", "seed", "sigma", "latent_space"], ["caption", "tiling", "tile_size"],
+        ["IMAGE"],
     ),
     "PixelDecoderPiD_EncodeImage": (["pid_decoder", "image"], [], ["LATENT"]),
 }

@@ -15,7 +15,7 @@ import torch
 from tiny import tiny_config, tiny_network
 
 from pid_core.config import released
-from pid_core.memory import activation_bytes, available_memory, estimate, weight_bytes
+from pid_core.memory import activation_bytes, available_memory, estimate, weight_bytes, working_bytes
 from pid_core.network import PiDNetwork, PixelBlock, row_chunks
 from pid_core.tiling import choose_plan
 
@@ -54,7 +54,7 @@ def test_weight_bytes_counts_every_parameter():
 
 def test_the_plan_follows_the_budget():
     def need(tile=None, tile_batch=1):
-        return max(activation_bytes(FLUX_2K, 4096, 4096, tile=tile, tile_batch=tile_batch).values())
+        return working_bytes(activation_bytes(FLUX_2K, 4096, 4096, tile=tile, tile_batch=tile_batch))
 
     whole, floor = need(), need((256, 256))  # the floor: the sampler's whole-image state
     assert choose_plan(FLUX_2K, 4096, 4096, budget=whole) is None
