@@ -8,6 +8,7 @@ from .captions import CaptionEncoder, empty_caption_embedding
 from .checkpoint import CheckpointError, CheckpointInfo, load_checkpoint
 from .config import RELEASED_CHECKPOINTS, LatentSpace, NetworkConfig
 from .download import download_gemma, download_pid
+from .rae import RAE, load_rae
 
 __all__ = [
     "CaptionEncoder",
@@ -16,6 +17,7 @@ __all__ = [
     "LatentSpace",
     "NetworkConfig",
     "PiDDecoder",
+    "RAE",
     "RELEASED_CHECKPOINTS",
     "build_network",
     "decode",
@@ -23,4 +25,5 @@ __all__ = [
     "download_pid",
     "empty_caption_embedding",
     "load_checkpoint",
+    "load_rae",
 ]

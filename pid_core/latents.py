@@ -18,6 +18,11 @@ The contract (used by every node, the API and the CLI):
   ComfyUI's Flux.2 LATENT is already 2x2-packed and BatchNorm-normalized (128 channels at /16), so
   its process_in is the identity; a raw 32-channel Flux.2 / Klein VAE latent is packed and normalized
   here with the VAE's BatchNorm statistics, which the caller supplies.
+* The RAE spaces have no ComfyUI format: their LATENT holds what ``pid_core.rae`` encodes, which is what
+  PiD was trained on as it is (identity process_in): DINOv2 [B, 768, 32, 32] normalized per position with
+  the RAE statistics, SigLIP [B, 1152, 16, 16] after an affine-free LayerNorm. Both sit on a virtual /16
+  grid (the encoders see 448 and 224 px) and carry noise in the flow frame, like the RAE diffusion models
+  the reference captures them from (its rae_generation.py / scale_rae_generation.py).
 * Every user-facing sigma is PiD's degrade sigma in [0, 1]: the flow sigma as is, for SDXL the
   variance-preserving ``s / sqrt(1 + s^2)``. The conversion lives only in
   :func:`pid_sigma_from_sampler` / :func:`sampler_sigma_from_pid`.
@@ -74,7 +79,6 @@ class LatentFormat:
     shift: float | tuple[float, ...] = 0.0
     scale: float = 1.0
     std: tuple[float, ...] | None = None
-    supported: bool = True  # False: PiD has weights for it, but we cannot decode it yet
 
     def process_in(self, x: Tensor) -> Tensor:
         """ComfyUI's ``latent_format.process_in``: raw VAE space -> the model's normalized space."""
@@ -93,8 +97,8 @@ _FORMATS = {
         LatentFormat(LatentSpace.SDXL, 4, 8, VP, scale=0.13025),
         LatentFormat(LatentSpace.FLUX2, 128, 16, FLOW),
         LatentFormat(LatentSpace.QWENIMAGE, 16, 8, FLOW, shift=_WAN21_MEAN, std=_WAN21_STD),
-        LatentFormat(LatentSpace.DINOV2, 768, 16, FLOW, supported=False),
-        LatentFormat(LatentSpace.SIGLIP, 1152, 16, FLOW, supported=False),
+        LatentFormat(LatentSpace.DINOV2, 768, 16, FLOW),
+        LatentFormat(LatentSpace.SIGLIP, 1152, 16, FLOW),
     )
 }
 
@@ -201,11 +205,6 @@ def to_network_latent(
     32-channel Flux.2 latent.
     """
     fmt = latent_format(space)
-    if not fmt.supported:
-        raise ValueError(
-            f"{fmt.space.value} latents (semantic RAE features) are not supported yet; "
-            "use a VAE-based PiD checkpoint (flux, sd3, sdxl, flux2 or qwenimage)."
-        )
     x = _as_4d(samples, fmt)
     if not torch.isfinite(x).all():
         raise ValueError(

@@ -1,9 +1,9 @@
 """Small building blocks of the PiD network: layer operations, norms, embeddings and rotary positions.
 
-Layers are created through an ``operations`` namespace (``ops.Linear``, ``ops.Conv2d``, ``ops.GroupNorm``)
-so that ComfyUI can hand in ``comfy.ops`` for casting and partial loading. The default, ``CastOps``, casts
-each weight to the dtype of its input: weights may then be stored in bf16 while a block computes in fp32
-(or under bf16 autocast), which is how the reference treats its bf16-valued checkpoints.
+Layers are created through an ``operations`` namespace (``ops.Linear``, ``ops.Conv2d``, ``ops.GroupNorm``,
+``ops.LayerNorm``) so that ComfyUI can hand in ``comfy.ops`` for casting and partial loading. The default,
+``CastOps``, casts each weight to the dtype of its input: weights may then be stored in bf16 while a block
+computes in fp32 (or under bf16 autocast), which is how the reference treats its bf16-valued checkpoints.
 """
 
 from __future__ import annotations
@@ -55,7 +55,12 @@ class _CastGroupNorm(nn.GroupNorm):
         return F.group_norm(x, self.num_groups, _cast(self.weight, x), _cast(self.bias, x), self.eps)
 
 
-CastOps = SimpleNamespace(Linear=_CastLinear, Conv2d=_CastConv2d, GroupNorm=_CastGroupNorm)
+class _CastLayerNorm(nn.LayerNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, _cast(self.weight, x), _cast(self.bias, x), self.eps)
+
+
+CastOps = SimpleNamespace(Linear=_CastLinear, Conv2d=_CastConv2d, GroupNorm=_CastGroupNorm, LayerNorm=_CastLayerNorm)
 
 
 class RMSNorm(nn.Module):

@@ -226,10 +226,14 @@ def test_negative_sdxl_sampler_sigma_is_refused():
         pid_sigma_from_sampler(-1.0, "sdxl")
 
 
-@pytest.mark.parametrize("space", ["dinov2", "siglip"])
-def test_rae_latents_are_not_supported_yet(space):
-    with pytest.raises(ValueError, match="not supported yet"):
-        to_network_latent(torch.zeros(1, latent_format(space).channels, 2, 2), space, 0.0)
+@pytest.mark.parametrize("space, channels", [("dinov2", 768), ("siglip", 1152)])
+def test_rae_latent_is_taken_as_it_is_and_faded_by_sigma(space, channels):
+    """An RAE LATENT is the normalized RAE latent PiD was trained on (no process_in), in the flow frame."""
+    x = latent(channels, b=2)
+    close(to_network_latent(x, space, 0.0), x)
+    close(to_network_latent(x, space, [0.25, 0.5]), x * torch.tensor([0.75, 0.5]).view(2, 1, 1, 1))
+    with pytest.raises(ValueError, match=f"A {space} latent has {channels} channels"):
+        to_network_latent(latent(16), space, 0.0)
 
 
 def test_unknown_space():
