@@ -1,4 +1,4 @@
-"""Load PiD Decoder: a PiD checkpoint (plus its matching VAE) wrapped for ComfyUI's model management."""
+"""Load PiD Decoder: a PiD checkpoint (plus its matching VAE or RAE) wrapped for ComfyUI's model management."""
 
 from __future__ import annotations
 
@@ -16,13 +16,14 @@ import nodes as comfy_nodes
 from ..pid_core.api import PRECISIONS, build_network
 from ..pid_core.checkpoint import CheckpointInfo, load_checkpoint
 from ..pid_core.config import LatentSpace
+from ..pid_core.rae import load_rae
 from . import paths
 from .common import CATEGORY, NODE_PREFIX, PiDDecoderType
 
 log = logging.getLogger("comfyui-pid")
 
 AUTO = "auto"
-NO_VAE = "none"
+NONE = "none"
 
 
 @dataclass
@@ -32,13 +33,23 @@ class PiDDecoderModel:
     patcher: comfy.model_patcher.ModelPatcher
     info: CheckpointInfo
     vae: object | None  # comfy.sd.VAE, for PiD Encode Image
+    rae: comfy.model_patcher.ModelPatcher | None = None  # of a pid_core.rae.RAE, for PiD Encode Image and RAE Decode
 
     @property
     def space(self) -> LatentSpace | None:
         return self.info.space
 
 
-def load_decoder(pid_name: str, latent_space: str, weight_dtype: str, vae_name: str) -> PiDDecoderModel:
+def load_rae_patcher(rae_name: str, info: CheckpointInfo, weight_dtype: str) -> comfy.model_patcher.ModelPatcher:
+    rae = load_rae(paths.rae_parts(rae_name), dtype=PRECISIONS[weight_dtype], operations=comfy.ops.manual_cast)
+    rae.check_matches(info)
+    log.info("PiD: loaded the %s from models/pid/rae/%s", rae.describe(), rae_name)
+    return comfy.model_patcher.ModelPatcher(rae, load_device=mm.vae_device(), offload_device=mm.vae_offload_device())
+
+
+def load_decoder(
+    pid_name: str, latent_space: str, weight_dtype: str, vae_name: str, rae_name: str = NONE
+) -> PiDDecoderModel:
     space = None if latent_space == AUTO else latent_space
     loaded = load_checkpoint(paths.checkpoint_path(pid_name), space=space)
     info = loaded.info
@@ -49,7 +60,7 @@ def load_decoder(pid_name: str, latent_space: str, weight_dtype: str, vae_name: 
         network, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
     )
     vae = None
-    if vae_name != NO_VAE:
+    if vae_name != NONE:
         (vae,) = comfy_nodes.VAELoader().load_vae(vae_name)
         channels = getattr(vae, "latent_channels", None)
         if channels != info.config.latent_channels:
@@ -62,7 +73,8 @@ def load_decoder(pid_name: str, latent_space: str, weight_dtype: str, vae_name: 
         "PiD: loaded %s (%s, %s, training %s, space %s)", pid_name, info.version, info.file_format, info.training,
         info.space.value if info.space else "undecided",
     )
-    return PiDDecoderModel(patcher, info, vae)
+    rae = load_rae_patcher(rae_name, info, weight_dtype) if rae_name != NONE else None
+    return PiDDecoderModel(patcher, info, vae, rae)
 
 
 class LoadPiDDecoder(io.ComfyNode):
@@ -74,8 +86,8 @@ class LoadPiDDecoder(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "Loads a PiD pixel diffusion decoder (official model_ema_bf16.pth, a .safetensors conversion or a "
-                "Comfy-Org repack) and detects its variant from the weights. Optionally loads the matching VAE, "
-                "used by PiD Encode Image."
+                "Comfy-Org repack) and detects its variant from the weights. Optionally loads the matching VAE "
+                "(or, for the DINOv2 and SigLIP checkpoints, the RAE), used by PiD Encode Image."
             ),
             inputs=[
                 io.Combo.Input(
@@ -94,13 +106,20 @@ class LoadPiDDecoder(io.ComfyNode):
                     "exactly at twice the memory.",
                 ),
                 io.Combo.Input(
-                    "vae_name", options=[NO_VAE, *folder_paths.get_filename_list("vae")], default=NO_VAE,
+                    "vae_name", options=[NONE, *folder_paths.get_filename_list("vae")], default=NONE,
                     tooltip="The VAE of the same model family (needed by PiD Encode Image to upscale pictures).",
+                ),
+                io.Combo.Input(
+                    "rae_name", options=[NONE, *paths.rae_names()], default=NONE, optional=True,
+                    tooltip="For the DINOv2 and SigLIP checkpoints: the RAE folder in models/pid/rae/ (encoder, "
+                    "decoder and statistics), needed by PiD Encode Image and PiD RAE Decode.",
                 ),
             ],
             outputs=[PiDDecoderType.Output(display_name="pid_decoder")],
         )
 
     @classmethod
-    def execute(cls, pid_name: str, latent_space: str, weight_dtype: str, vae_name: str) -> io.NodeOutput:
-        return io.NodeOutput(load_decoder(pid_name, latent_space, weight_dtype, vae_name))
+    def execute(
+        cls, pid_name: str, latent_space: str, weight_dtype: str, vae_name: str, rae_name: str = NONE
+    ) -> io.NodeOutput:
+        return io.NodeOutput(load_decoder(pid_name, latent_space, weight_dtype, vae_name, rae_name))

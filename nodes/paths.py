@@ -1,4 +1,5 @@
-"""Model folders: ``models/pid`` for PiD checkpoints, registered by merging with what the user configured."""
+"""Model folders: ``models/pid`` for PiD checkpoints and ``models/pid/rae/<name>/`` for RAEs, registered by
+merging with what the user configured."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ PID_FOLDER = "pid"
 PID_EXTENSIONS = {".pth", ".safetensors"}
 # Comfy-Org repacks for ComfyUI core live with the diffusion models; list those whose name says PiD.
 REPACK_FOLDER = "diffusion_models"
+RAE_SUBFOLDER = "rae"  # one folder per RAE inside it, holding its encoder, decoder and statistics
+RAE_FILE_SUFFIXES = (".safetensors", ".pt", ".pth")
 
 
 def register_folders() -> None:
@@ -21,8 +24,12 @@ def register_folders() -> None:
     folder_paths.folder_names_and_paths[PID_FOLDER] = (paths, set(extensions) | PID_EXTENSIONS)
 
 
+def _in_rae_folder(name: str) -> bool:
+    return name.replace("\\", "/").split("/", 1)[0] == RAE_SUBFOLDER
+
+
 def checkpoint_names() -> list[str]:
-    names = folder_paths.get_filename_list(PID_FOLDER)
+    names = [n for n in folder_paths.get_filename_list(PID_FOLDER) if not _in_rae_folder(n)]
     repacks = [n for n in folder_paths.get_filename_list(REPACK_FOLDER) if "pid" in os.path.basename(n).lower()]
     return sorted(set(names) | set(repacks))
 
@@ -35,3 +42,37 @@ def checkpoint_path(name: str) -> str:
             "put the file there (see the pack's README) and refresh."
         )
     return path
+
+
+def _rae_folders() -> dict[str, str]:
+    found: dict[str, str] = {}
+    for base in folder_paths.get_folder_paths(PID_FOLDER):
+        root = os.path.join(base, RAE_SUBFOLDER)
+        if os.path.isdir(root):
+            for name in sorted(os.listdir(root)):
+                if os.path.isdir(os.path.join(root, name)):
+                    found.setdefault(name, os.path.join(root, name))
+    return found
+
+
+def rae_names() -> list[str]:
+    return sorted(_rae_folders())
+
+
+def rae_parts(name: str) -> list[str]:
+    """The folders that hold an RAE's files: ``models/pid/rae/<name>/`` and its subfolders with weight files
+    (e.g. the Hugging Face encoder folder dropped in as downloaded)."""
+    folder = _rae_folders().get(name)
+    if folder is None:
+        raise FileNotFoundError(
+            f"RAE folder {name!r} not found in models/{PID_FOLDER}/{RAE_SUBFOLDER}/; put the RAE's files in a folder "
+            "there (see the pack's README) and refresh."
+        )
+    candidates = [folder] + [os.path.join(folder, d) for d in sorted(os.listdir(folder))]
+    parts = [d for d in candidates if os.path.isdir(d) and any(f.endswith(RAE_FILE_SUFFIXES) for f in os.listdir(d))]
+    if not parts:
+        raise FileNotFoundError(
+            f"The RAE folder {folder} holds no .safetensors or .pt file; put the RAE's encoder, decoder and (DINOv2) "
+            "statistics there (see the pack's README)."
+        )
+    return parts

@@ -604,6 +604,85 @@ def test_encode_image_then_decode_upscales_the_centred_crop(comfy_server, pid_mo
     torch.testing.assert_close(pid_input["z"], (encoded_values["latent"] - FLUX_SHIFT) * FLUX_SCALE)
 
 
+# --- (i) semantic latents: the SigLIP RAE -------------------------------------------------------------------
+
+SIGLIP_PID = f"{CKPT_DIR}/PiD_res2k_sr8x_official_siglip_distill_4step/model_ema_bf16.pth"
+SIGLIP_RAE = "pidtest-siglip"  # models/pid/rae/<this>/: the Hugging Face encoder folder and the decoder beside it
+# SigLIP So400m's interface (1152 channels, 224 px in patches of 14: a 16x16 latent) at toy depth and MLP width
+TINY_SIGLIP = dict(hidden_size=1152, intermediate_size=64, num_hidden_layers=1, num_attention_heads=16,
+                   image_size=224, patch_size=14)
+
+
+@pytest.fixture(scope="module")
+def siglip_models(pid_models) -> Path:
+    """A tiny SigLIP PiD checkpoint and a tiny SigLIP RAE folder laid out as a user would download them."""
+    from tiny_rae import save_decoder, save_siglip
+
+    from pid_core.rae.decoder import DecoderConfig
+    from pid_core.rae.vit import ViTConfig
+
+    folder = pid_models / "rae" / SIGLIP_RAE
+    if not (pid_models / SIGLIP_PID).exists():
+        save_official(tiny_network("siglip_2k", seed=4), pid_models / SIGLIP_PID)
+        save_siglip(folder / "siglip2-so400m-patch14-224", TINY_SIGLIP)
+        vit = ViTConfig(width=64, depth=1, heads=1, mlp_hidden=64, eps=1e-12, activation="gelu")  # 1 head: 64 wide
+        save_decoder(folder / "decXL.pt", DecoderConfig(vit, in_channels=1152, grid=16, patch=14))
+    return folder
+
+
+def test_siglip_picture_to_a_2048_px_pid_decode_and_the_rae_decode(comfy_server, siglip_models):
+    (name,) = write_pictures(comfy_server.input_dir, 1, size=(90, 70))
+    g = Graph()
+    picture = g.node("LoadImage", image=name)
+    pid = g.node("PixelDecoderPiD_LoadDecoder", pid_name=SIGLIP_PID, latent_space="auto", weight_dtype="fp32",
+                 vae_name="none", rae_name=SIGLIP_RAE)
+    encoded = g.node("PixelDecoderPiD_EncodeImage", pid_decoder=out(pid), image=out(picture))
+    dec = decode(g, pid, out(encoded), steps=1)  # one step: a 2048 px decode, even of a tiny network, takes a while
+    native = g.node("PixelDecoderPiD_RAEDecode", pid_decoder=out(pid), latent=out(encoded))
+    save_values(g, "i-siglip", latent=out(encoded), image=out(dec))
+    save_values(g, "i-siglip-native", image=out(native))
+    comfy_server.run(g, timeout=600)
+
+    values, meta = record(comfy_server, "i-siglip")
+    native = record(comfy_server, "i-siglip-native")[0]["image"]
+    assert values["image"].shape == (1, 2048, 2048, 3)
+    assert native.shape == (1, 256, 256, 3)
+    assert meta["pid_space"] == "siglip" and meta["pid_sigma"] == [0.0]
+    assert meta["pid_crop"] == {"top": 0, "left": 10, "height": 70, "width": 70, "source_height": 70,
+                                "source_width": 90}
+    # the node's latent is pid_core's encode of the centred square crop
+    from pid_core.rae import load_rae
+
+    rae = load_rae([siglip_models, siglip_models / "siglip2-so400m-patch14-224"], dtype=torch.float32)
+    pixels = torch.from_numpy(np.asarray(Image.open(comfy_server.input_dir / name), dtype=np.float32) / 255.0)
+    square = pixels[:, 10:80].permute(2, 0, 1)[None] * 2 - 1
+    assert torch.equal(values["latent"], rae.encode(square))
+    # comfy.ops layers in the node, pid_core's own here: the same fp32 arithmetic, up to float rounding
+    torch.testing.assert_close(native, ((rae.decode(values["latent"]) + 1) * 0.5).permute(0, 2, 3, 1),
+                               rtol=0, atol=1e-5)
+
+
+def test_an_rae_of_another_family_is_refused(comfy_server, siglip_models):
+    (name,) = write_pictures(comfy_server.input_dir, 1)
+    g = Graph()
+    pid = g.node("PixelDecoderPiD_LoadDecoder", pid_name=FLUX_PID, latent_space="auto", weight_dtype="bf16",
+                 vae_name="none", rae_name=SIGLIP_RAE)
+    encoded = g.node("PixelDecoderPiD_EncodeImage", pid_decoder=out(pid), image=out(g.node("LoadImage", image=name)))
+    save_values(g, "i-refused", latent=out(encoded))
+    fails_with(comfy_server, g, "PixelDecoderPiD_LoadDecoder", "The RAE makes siglip latents with 1152 channels",
+               "decodes flux latents with 16 channels", "pick the RAE of that family")
+
+
+def test_a_flux_checkpoint_without_vae_asks_for_one_and_a_siglip_one_for_its_rae(comfy_server, siglip_models):
+    for pid_name, wanted in ((FLUX_PID, "needs a VAE"), (SIGLIP_PID, "needs a RAE (rae_name)")):
+        (name,) = write_pictures(comfy_server.input_dir, 1)
+        g = Graph()
+        pid = loader(g, pid_name)
+        encoded = g.node("PixelDecoderPiD_EncodeImage", pid_decoder=out(pid), image=out(g.node("LoadImage", image=name)))
+        save_values(g, "i-refused", latent=out(encoded))
+        fails_with(comfy_server, g, "PixelDecoderPiD_EncodeImage", wanted)
+
+
 # --- (g) one sigma per batch item ---------------------------------------------------------------------------
 
 
@@ -643,7 +722,8 @@ def test_each_batch_item_decodes_with_its_own_sigma(comfy_server, pid_models):
 # --- (h) the node definitions ---------------------------------------------------------------------------------
 
 DOCUMENTED = {
-    "PixelDecoderPiD_LoadDecoder": (["pid_name", "latent_space", "weight_dtype", "vae_name"], [], ["PID_DECODER"]),
+    "PixelDecoderPiD_LoadDecoder": (["pid_name", "latent_space", "weight_dtype", "vae_name"], ["rae_name"],
+                                    ["PID_DECODER"]),
     "PixelDecoderPiD_KSamplerEarlyExit": (
         ["model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative", "latent_image",
          "denoise", "exit_step"], [], ["LATENT", "FLOAT"],
@@ -654,6 +734,7 @@ DOCUMENTED = {
         ["IMAGE"],
     ),
     "PixelDecoderPiD_EncodeImage": (["pid_decoder", "image"], [], ["LATENT"]),
+    "PixelDecoderPiD_RAEDecode": (["pid_decoder", "latent"], [], ["IMAGE"]),
 }
 
 
