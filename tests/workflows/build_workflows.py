@@ -1,7 +1,7 @@
 """The shipped workflows (``workflows/*.json`` and their ``.jpg`` thumbnails), made by the real ComfyUI frontend.
 
 Each workflow is defined here as an API prompt (node inputs by name), a column layout and a note. The
-builder starts the test ComfyUI (pack and test pack installed, see ``tests/comfy/conftest.py``), loads
+builder starts the test ComfyUI (pack and test pack installed, see ``tests/conftest.py``), loads
 every prompt into the frontend it serves with ``app.loadApiJson``, lays the nodes out, adds a MarkdownNote
 that says which files go where and the recommended settings, and saves ``app.graph.serialize()`` (what the
 frontend's Save writes) plus a headless-Chromium screenshot of the graph. ComfyUI serves ``workflows/`` to
@@ -37,6 +37,9 @@ PLAYWRIGHT = REPO_ROOT / ".frontend" / "node_modules" / "playwright-core"
 PID = "PixelDecoderPiD_"
 PID_CHECKPOINTS = "https://huggingface.co/nvidia/PiD/tree/main/checkpoints/"
 PID_FILE = "model_ema_bf16.pth"  # the official file name inside each checkpoint folder
+# Gemma-2-2B-it for PiD Caption, as Comfy-Org repacked it (tokenizer embedded); Load CLIP loads it with type lumina2.
+GEMMA_FILE = "gemma_2_2b_it_elm_bf16.safetensors"
+GEMMA_URL = f"https://huggingface.co/Comfy-Org/PixelDiT/resolve/main/text_encoders/{GEMMA_FILE}"
 SEED = 42
 
 # Where the stock model files come from (the links of ComfyUI's own templates), by file name.
@@ -61,6 +64,7 @@ DOWNLOADS = {
         "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/diffusion_models/qwen_image_fp8_e4m3fn.safetensors",
     "qwen_2.5_vl_7b_fp8_scaled.safetensors":
         "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors",
+    GEMMA_FILE: GEMMA_URL,
 }  # fmt: skip
 # The model folder of each stock loader's file inputs.
 LOADER_FOLDERS = {
@@ -72,7 +76,7 @@ LOADER_FOLDERS = {
     "VAELoader": {"vae_name": "vae"},
     f"{PID}LoadDecoder": {"pid_name": "pid", "vae_name": "vae"},
 }
-NOT_A_FILE = {"none"}  # Load PiD Decoder's vae_name when no VAE is loaded
+NOT_A_FILE = {"none"}  # Load PiD Decoder's vae_name / rae_name when no VAE or RAE is loaded
 
 # Node widths that show the whole file names (the frontend's defaults cut them).
 WIDTHS = {"UNETLoader": 400, "CheckpointLoaderSimple": 400, "CLIPLoader": 400, "DualCLIPLoader": 340,
@@ -149,7 +153,8 @@ class Workflow:
                 source = f"[download]({DOWNLOADS[name]})"
             lines.append(f"- `{folder}/{name}`: {source}")
         lines += ["", "**Recommended settings**", ""] + [f"- {s}" for s in self.settings]
-        lines += ["", "PiD weights are NVIDIA's, for non-commercial research only (licence on the Hugging Face page)."]
+        lines += ["", "PiD weights are NVIDIA's, for non-commercial research only (licence on the Hugging Face page); "
+                  "Gemma is under the [Gemma terms](https://ai.google.dev/gemma/terms)."]
         return "\n".join(lines)
 
     def models_metadata(self) -> dict:
@@ -166,7 +171,7 @@ class Workflow:
 
 def pid_loader(w: Workflow, checkpoint_folder: str, vae_name: str = "none") -> Node:
     return w.add(f"{PID}LoadDecoder", pid_name=pid_checkpoint(checkpoint_folder), latent_space="auto",
-                 weight_dtype="bf16", vae_name=vae_name)  # fmt: skip
+                 weight_dtype="bf16", vae_name=vae_name, rae_name="none")  # fmt: skip
 
 
 def pid_sampler(w: Workflow, model: Node, positive: Node, negative: Node, latent: Node, *, steps: int, cfg: float,
@@ -176,9 +181,18 @@ def pid_sampler(w: Workflow, model: Node, positive: Node, negative: Node, latent
                  exit_step=exit_step)  # fmt: skip
 
 
-def pid_decode(w: Workflow, decoder: Node, latent: list) -> Node:
+def pid_caption(w: Workflow, text: str, title: str) -> tuple[Node, Node]:
+    """Load CLIP with Gemma-2-2B-it (type lumina2) and PiD Caption on it: the caption PiD Decode reads."""
+    gemma = w.add("CLIPLoader", "Load CLIP (Gemma-2-2B-it, for PiD Caption)", clip_name=GEMMA_FILE, type="lumina2",
+                  device="default")  # fmt: skip
+    caption = w.add(f"{PID}Caption", title, text=text, gemma_name="none", clip=gemma[0])
+    w.sizes[caption.id] = PROMPT_SIZE
+    return gemma, caption
+
+
+def pid_decode(w: Workflow, decoder: Node, latent: list, caption: Node) -> Node:
     return w.add(f"{PID}Decode", pid_decoder=decoder[0], latent=latent, size="native 4x", steps=4, seed=0, sigma=0.0,
-                 latent_space="auto")  # fmt: skip
+                 latent_space="auto", caption=caption[0], tiling="auto", tile_size=0)  # fmt: skip
 
 
 def save(w: Workflow, images: list, prefix: str) -> Node:
@@ -200,6 +214,19 @@ PROMPTS = {
     "with a clear umbrella, cinematic, detailed",
 }
 NEGATIVE = "blurry, low quality, watermark, text artifacts"
+# Title of PiD Caption in the generation workflows: its text is the positive prompt, typed again.
+SAME_CAPTION = "PiD Caption (the prompt's text)"
+
+
+def caption_setting(text: str) -> str:
+    return (f"PiD Caption: {text}, encoded by Gemma-2-2B-it from Load CLIP, type lumina2 (the `_fp8_scaled` file, "
+            "half the size, also works). Less detail but no Gemma needed: delete the two nodes")  # fmt: skip
+
+
+CAPTION_SETTING = caption_setting("the prompt's text (when you change the prompt, change it too)")
+# ComfyUI's example.png, which the upscale workflow loads
+EXAMPLE_PICTURE_CAPTION = ("a simple hand-drawn digital painting of a smiling girl with big yellow hair and a pink "
+                           "dress, arms spread, on a green hill under a blue sky with white clouds")  # fmt: skip
 
 
 def flux1_dev_base(w: Workflow):
@@ -222,15 +249,17 @@ def flux1_dev() -> Workflow:
         ["512×512 latent with the 2k checkpoint (it is trained for about 2048 px output)",
          "28 steps, cfg 1.0, FluxGuidance 3.5, euler / simple; exit_step 0 (auto: step 24 of 28)",
          "PiD Decode: size native 4x, 4 steps",
+         CAPTION_SETTING,
          "1024 px → 4096: use the v1.5 2kto4k checkpoint (see the Z-Image-Turbo workflow)"],
     )  # fmt: skip
     unet, clip, text, guidance, negative, latent = flux1_dev_base(w)
     decoder = pid_loader(w, "PiD_res2k_sr4x_official_flux_distill_4step")
+    gemma, caption = pid_caption(w, PROMPTS["fox"], SAME_CAPTION)
     sampled = pid_sampler(w, unet, guidance, negative, latent, steps=28, cfg=1.0, sampler="euler", scheduler="simple")
-    image = pid_decode(w, decoder, sampled[0])
+    image = pid_decode(w, decoder, sampled[0], caption)
     out = save(w, image[0], "flux1_dev_2048")
-    w.column(unet, clip, latent, decoder)
-    w.column(text, guidance, negative)
+    w.column(unet, clip, gemma, latent, decoder)
+    w.column(text, guidance, negative, caption)
     w.column(sampled, image)
     w.column(out)
     w.sizes[out.id] = [420, 460]
@@ -246,11 +275,13 @@ def flux1_dev_vs_vae() -> Workflow:
         ["exit_step of PiD KSampler and start_at_step of KSamplerAdvanced must be equal (24 of 28 steps)",
          "KSamplerAdvanced: add_noise disable, same steps, cfg, sampler and scheduler as PiD KSampler",
          "28 steps, cfg 1.0, FluxGuidance 3.5, euler / simple; 512×512 latent with the 2k checkpoint",
-         "PiD Decode: size native 4x, 4 steps"],
+         "PiD Decode: size native 4x, 4 steps",
+         CAPTION_SETTING],
     )  # fmt: skip
     unet, clip, text, guidance, negative, latent = flux1_dev_base(w)
     vae = w.add("VAELoader", vae_name="ae.safetensors")
     decoder = pid_loader(w, "PiD_res2k_sr4x_official_flux_distill_4step")
+    gemma, caption = pid_caption(w, PROMPTS["fox"], SAME_CAPTION)
     exit_step = 24
     sampled = pid_sampler(w, unet, guidance, negative, latent, steps=28, cfg=1.0, sampler="euler", scheduler="simple",
                           exit_step=exit_step)  # fmt: skip
@@ -259,12 +290,12 @@ def flux1_dev_vs_vae() -> Workflow:
                      negative=negative[0], latent_image=sampled[0], start_at_step=exit_step, end_at_step=10000,
                      return_with_leftover_noise="disable")  # fmt: skip
     vae_image = w.add("VAEDecode", "VAE Decode (512 px)", samples=finished[0], vae=vae[0])
-    pid_image = pid_decode(w, decoder, sampled[0])
+    pid_image = pid_decode(w, decoder, sampled[0], caption)
     both = w.add("ImageStitch", "VAE (left) | PiD (right)", image1=pid_image[0], direction="left",
                  match_image_size=True, spacing_width=16, spacing_color="white", image2=vae_image[0])  # fmt: skip
     out = save(w, both[0], "flux1_dev_vae_vs_pid")
-    w.column(unet, clip, vae, latent, decoder)
-    w.column(text, guidance, negative)
+    w.column(unet, clip, vae, gemma, latent, decoder)
+    w.column(text, guidance, negative, caption)
     w.column(sampled, pid_image)
     w.column(finished, vae_image)
     w.column(both, out)
@@ -282,7 +313,9 @@ def z_image_turbo() -> Workflow:
         ["1024×1024 latent with the v1.5 2kto4k checkpoint (trained for 2048-4096 px output)",
          "9 steps, cfg 1.0, res_multistep / simple, ModelSamplingAuraFlow shift 3 (as ComfyUI's template)",
          "exit_step 0 (auto: the final latent, sigma 0)",
-         "PiD Decode: size native 4x, 4 steps"],
+         "PiD Decode: size native 4x, 4 steps",
+         CAPTION_SETTING + ". Gemma needs its own Load CLIP: Z-Image's qwen_3_4b (also type lumina2) is no "
+         "Gemma-2 and is refused by PiD Caption"],
     )  # fmt: skip
     unet = w.add("UNETLoader", unet_name="z_image_turbo_bf16.safetensors", weight_dtype="default")
     clip = w.add("CLIPLoader", clip_name="qwen_3_4b.safetensors", type="lumina2", device="default")
@@ -291,12 +324,13 @@ def z_image_turbo() -> Workflow:
     negative = w.add("ConditioningZeroOut", "Negative (zero: cfg is 1)", conditioning=text[0])
     latent = w.add("EmptySD3LatentImage", "Empty Latent Image (1024 px)", width=1024, height=1024, batch_size=1)
     decoder = pid_loader(w, "PiD_v1pt5_res2kto4k_sr4x_official_flux_distill_4step")
+    gemma, caption = pid_caption(w, PROMPTS["harbour"], SAME_CAPTION)
     sampled = pid_sampler(w, model, text, negative, latent, steps=9, cfg=1.0, sampler="res_multistep",
                           scheduler="simple")  # fmt: skip
-    image = pid_decode(w, decoder, sampled[0])
+    image = pid_decode(w, decoder, sampled[0], caption)
     out = save(w, image[0], "z_image_turbo_4096")
-    w.column(unet, clip, latent, decoder)
-    w.column(model, text, negative)
+    w.column(unet, clip, gemma, latent, decoder)
+    w.column(model, text, negative, caption)
     w.column(sampled, image)
     w.column(out)
     w.sizes[out.id] = [420, 460]
@@ -310,18 +344,20 @@ def sdxl() -> Workflow:
         "space: 1024 px → **4096 px**. PiD reads SDXL's variance-preserving noise level from the latent's metadata.",
         ["1024×1024 latent (or another SDXL resolution) with the 2kto4k SDXL checkpoint",
          "30 steps, cfg 5.0, euler / normal; exit_step 0 (auto: step 26 of 30)",
-         "PiD Decode: size native 4x, 4 steps"],
+         "PiD Decode: size native 4x, 4 steps",
+         CAPTION_SETTING],
     )  # fmt: skip
     ckpt = w.add("CheckpointLoaderSimple", ckpt_name="sd_xl_base_1.0.safetensors")
     positive = w.prompt_text(w.add("CLIPTextEncode", "Positive prompt", text=PROMPTS["market"], clip=ckpt[1]))
     negative = w.prompt_text(w.add("CLIPTextEncode", "Negative prompt", text=NEGATIVE, clip=ckpt[1]), negative=True)
     latent = w.add("EmptyLatentImage", "Empty Latent Image (1024 px)", width=1024, height=1024, batch_size=1)
     decoder = pid_loader(w, "PiD_res2kto4k_sr4x_official_sdxl_distill_4step")
+    gemma, caption = pid_caption(w, PROMPTS["market"], SAME_CAPTION)
     sampled = pid_sampler(w, ckpt, positive, negative, latent, steps=30, cfg=5.0, sampler="euler", scheduler="normal")
-    image = pid_decode(w, decoder, sampled[0])
+    image = pid_decode(w, decoder, sampled[0], caption)
     out = save(w, image[0], "sdxl_4096")
-    w.column(ckpt, latent, decoder)
-    w.column(positive, negative)
+    w.column(ckpt, gemma, latent, decoder)
+    w.column(positive, negative, caption)
     w.column(sampled, image)
     w.column(out)
     w.sizes[out.id] = [420, 460]
@@ -335,19 +371,21 @@ def sd35() -> Workflow:
         "space: 1024 px → **4096 px**. The same graph works for SD3 Medium and SD3.5 Medium checkpoints.",
         ["1024×1024 latent with the 2kto4k SD3 checkpoint (the 2k one is for 512 px → 2048)",
          "28 steps, cfg 4.5, euler / sgm_uniform; exit_step 0 (auto: step 24 of 28)",
-         "PiD Decode: size native 4x, 4 steps"],
+         "PiD Decode: size native 4x, 4 steps",
+         CAPTION_SETTING],
     )  # fmt: skip
     ckpt = w.add("CheckpointLoaderSimple", ckpt_name="sd3.5_large_fp8_scaled.safetensors")
     positive = w.prompt_text(w.add("CLIPTextEncode", "Positive prompt", text=PROMPTS["greenhouse"], clip=ckpt[1]))
     negative = w.prompt_text(w.add("CLIPTextEncode", "Negative prompt", text=NEGATIVE, clip=ckpt[1]), negative=True)
     latent = w.add("EmptySD3LatentImage", "Empty Latent Image (1024 px)", width=1024, height=1024, batch_size=1)
     decoder = pid_loader(w, "PiD_res2kto4k_sr4x_official_sd3_distill_4step")
+    gemma, caption = pid_caption(w, PROMPTS["greenhouse"], SAME_CAPTION)
     sampled = pid_sampler(w, ckpt, positive, negative, latent, steps=28, cfg=4.5, sampler="euler",
                           scheduler="sgm_uniform")  # fmt: skip
-    image = pid_decode(w, decoder, sampled[0])
+    image = pid_decode(w, decoder, sampled[0], caption)
     out = save(w, image[0], "sd3.5_large_4096")
-    w.column(ckpt, latent, decoder)
-    w.column(positive, negative)
+    w.column(ckpt, gemma, latent, decoder)
+    w.column(positive, negative, caption)
     w.column(sampled, image)
     w.column(out)
     w.sizes[out.id] = [420, 460]
@@ -363,7 +401,8 @@ def flux2_dev() -> Workflow:
         ["1024×1024 latent with the v1.5 2kto4k Flux.2 checkpoint; Flux2Scheduler width/height = the latent's",
          "50 steps, FluxGuidance 4.0, euler; SplitSigmas step 46 (the reference's exit, 46 of 50)",
          "fewer steps: split at the same fraction (e.g. 28 → 26)",
-         "PiD Decode: size native 4x, 4 steps"],
+         "PiD Decode: size native 4x, 4 steps",
+         CAPTION_SETTING],
     )  # fmt: skip
     unet = w.add("UNETLoader", unet_name="flux2_dev_fp8mixed.safetensors", weight_dtype="default")
     clip = w.add("CLIPLoader", clip_name="mistral_3_small_flux2_bf16.safetensors", type="flux2", device="default")
@@ -380,10 +419,11 @@ def flux2_dev() -> Workflow:
     tagged = w.add(f"{PID}TagLatent", latent=sampled[0], latent_space="from model", sigma=0.0, sigmas=split[0],
                    model=unet[0])  # fmt: skip
     decoder = pid_loader(w, "PiD_v1pt5_res2kto4k_sr4x_official_flux2_distill_4step")
-    image = pid_decode(w, decoder, tagged[0])
+    gemma, caption = pid_caption(w, PROMPTS["library"], SAME_CAPTION)
+    image = pid_decode(w, decoder, tagged[0], caption)
     out = save(w, image[0], "flux2_dev_4096")
-    w.column(unet, clip, latent, decoder)
-    w.column(text, guidance, guider)
+    w.column(unet, clip, gemma, latent, decoder)
+    w.column(text, guidance, guider, caption)
     w.column(noise, sampler, schedule, split)
     w.column(sampled, tagged, image)
     w.column(out)
@@ -400,7 +440,8 @@ def qwen_image() -> Workflow:
          "beyond the 4096 px it was trained for: use size 4096 in PiD Decode for it)",
          "50 steps, cfg 4.0, euler / simple, ModelSamplingAuraFlow shift 3.1 (as ComfyUI's template); "
          "exit_step 0 (auto: step 44 of 50)",
-         "PiD Decode: size native 4x, 4 steps"],
+         "PiD Decode: size native 4x, 4 steps",
+         CAPTION_SETTING],
     )  # fmt: skip
     unet = w.add("UNETLoader", unet_name="qwen_image_fp8_e4m3fn.safetensors", weight_dtype="default")
     clip = w.add("CLIPLoader", clip_name="qwen_2.5_vl_7b_fp8_scaled.safetensors", type="qwen_image", device="default")
@@ -409,11 +450,12 @@ def qwen_image() -> Workflow:
     negative = w.prompt_text(w.add("CLIPTextEncode", "Negative prompt", text="", clip=clip[0]), negative=True)
     latent = w.add("EmptySD3LatentImage", "Empty Latent Image (1024 px)", width=1024, height=1024, batch_size=1)
     decoder = pid_loader(w, "PiD_v1pt5_res2kto4k_sr4x_official_qwenimage_distill_4step")
+    gemma, caption = pid_caption(w, PROMPTS["street"], SAME_CAPTION)
     sampled = pid_sampler(w, model, positive, negative, latent, steps=50, cfg=4.0, sampler="euler", scheduler="simple")
-    image = pid_decode(w, decoder, sampled[0])
+    image = pid_decode(w, decoder, sampled[0], caption)
     out = save(w, image[0], "qwen_image_4096")
-    w.column(unet, clip, latent, decoder)
-    w.column(model, positive, negative)
+    w.column(unet, clip, gemma, latent, decoder)
+    w.column(model, positive, negative, caption)
     w.column(sampled, image)
     w.column(out)
     w.sizes[out.id] = [420, 460]
@@ -429,15 +471,19 @@ def upscale_image() -> Workflow:
         ["pictures of 512-1024 px with the v1.5 2kto4k checkpoint (output 2048-4096 px); up to about 512 px the 2k "
          "checkpoint also works",
          "the VAE must be the one of the checkpoint's family: ae.safetensors (Flux VAE) for the Flux checkpoints",
-         "PiD Decode: size native 4x, 4 steps, sigma 0 (set by PiD Encode Image)"],
+         "PiD Decode: size native 4x, 4 steps, sigma 0 (set by PiD Encode Image)",
+         caption_setting("a sentence that says what your picture shows and its style (the text here describes "
+                         "ComfyUI's example picture: replace it)")],
     )  # fmt: skip
     picture = w.add("LoadImage", image="example.png")
     decoder = pid_loader(w, "PiD_v1pt5_res2kto4k_sr4x_official_flux_distill_4step", vae_name="ae.safetensors")
+    gemma, caption = pid_caption(w, EXAMPLE_PICTURE_CAPTION, "PiD Caption (describe your picture)")
     latent = w.add(f"{PID}EncodeImage", pid_decoder=decoder[0], image=picture[0])
-    image = pid_decode(w, decoder, latent[0])
+    image = pid_decode(w, decoder, latent[0], caption)
     out = save(w, image[0], "upscaled_4x")
-    w.column(picture, decoder)
-    w.column(latent, image)
+    w.column(picture, decoder, gemma)
+    w.column(latent, caption)
+    w.column(image)
     w.column(out)
     w.sizes[picture.id] = [340, 400]
     w.sizes[out.id] = [420, 460]
@@ -539,7 +585,7 @@ def main(argv: list[str]) -> int:
     if not selected:
         print(f"no workflow matches {argv}", file=sys.stderr)
         return 2
-    comfy = load_module("pid_comfy_conftest", REPO_ROOT / "tests" / "comfy" / "conftest.py")
+    comfy = load_module("pid_tests_conftest", REPO_ROOT / "tests" / "conftest.py")
     with tempfile.TemporaryDirectory(prefix="pid-build-workflows-") as tmp:
         server = comfy.start_server(Path(tmp) / "base")
         # ComfyUI's own sample picture, which the upscale workflow loads (and its thumbnail shows).

@@ -1,20 +1,19 @@
-"""Fixtures of the workflow tests: a test ComfyUI, the files the shipped workflows load, one frontend page.
+"""Fixtures of the workflow tests: the files the shipped workflows load, one frontend page.
 
-``comfy_server`` is the server of ``tests/comfy/conftest.py`` (started with the same code: the pack and
-the test pack linked in, on a free loopback port), once per session. ``workflow_files`` puts into its
-folders what the workflows name and the tests do not replace: a tiny PiD checkpoint in the official
-layout for every ``pid_name`` (``models/pid/<official folder>/model_ema_bf16.pth``), a seeded random
-full-size Flux VAE for every VAE file name, and a picture for every Load Image. ``frontend`` is one
-headless Chromium page on the server's own frontend, driven by ``frontend.js``, shared by all tests.
-
-Everything here is marked ``comfy`` (it needs the server), like ``tests/comfy``.
+``comfy_server`` is the session's test ComfyUI of ``tests/conftest.py``, shared with ``tests/comfy`` (which
+also marks everything here ``comfy``). ``workflow_files`` puts into its folders what the workflows name:
+a tiny PiD checkpoint in the official layout for every ``pid_name``
+(``models/pid/<official folder>/model_ema_bf16.pth``), a seeded random full-size Flux VAE for every VAE file
+name (the test pack's PiDTestRandomVAE), a picture for every Load Image, and a tiny Gemma-2 under the name of
+the Gemma file, which the test's stand-in for that Load CLIP (PiDTestGemmaCLIP) reads; the other loaders'
+files are not written, their stand-ins build tiny models without a file. ``frontend`` is one headless
+Chromium page on the server's own frontend, driven by ``frontend.js``, shared by all tests.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,18 +32,15 @@ def _load_build_module():
 
 
 BUILD = _load_build_module()
-COMFY = BUILD.load_module("pid_comfy_conftest", HERE.parent / "comfy" / "conftest.py")
 
 VAE_SEED = 0
 PID_SEED = 0
+GEMMA_SEED = 0
 # The picture Load Image reads: its sides are not multiples of 8, so PiD Encode Image's crop runs.
 INPUT_PICTURE_SIZE = (75, 66)
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if HERE in Path(item.path).resolve().parents:
-            item.add_marker(pytest.mark.comfy)
+# The tiny Gemma-2: as wide as the tiny PiD networks' captions (txt_embed_dim 32, tests/core/tiny.py); 3 layers, as
+# ComfyUI's lumina2 CLIP reads the penultimate one; Gemma-2's own head width (256), which ComfyUI's class fixes.
+TINY_GEMMA = dict(vocab_size=600, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2, num_kv_heads=1)
 
 
 def shipped_workflows() -> dict[str, dict]:
@@ -83,12 +79,13 @@ def write_pid_checkpoint(models_dir: Path, pid_name: str) -> None:
     torch.save({f"net.{k}": v.to(torch.bfloat16) for k, v in state.items()}, path)
 
 
-def write_random_vae(path: Path) -> None:
-    result = subprocess.run(
-        [str(COMFY.VENV_PYTHON), str(HERE / "random_vae.py"), str(path), str(VAE_SEED)],
-        cwd=COMFY.COMFYUI_DIR, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0 and path.is_file(), f"random_vae.py failed:\n{result.stdout}\n{result.stderr}"
+def write_tiny_gemma(path: Path) -> None:
+    """A tiny Gemma-2 in the Comfy-Org layout (``model.`` keys, the SentencePiece tokenizer embedded)."""
+    from tiny_gemma import random_weights, write_comfy  # tests/core (on pytest's pythonpath)
+
+    from pid_core.gemma import GemmaConfig
+
+    write_comfy(path, random_weights(GemmaConfig(**TINY_GEMMA), seed=GEMMA_SEED))
 
 
 def write_picture(path: Path) -> None:
@@ -107,29 +104,22 @@ def write_picture(path: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def comfy_server(tmp_path_factory):
-    """The test ComfyUI of tests/comfy (see its conftest), started once for these tests."""
-    client = COMFY.start_server(tmp_path_factory.mktemp("comfyui-base"))
-    try:
-        yield client
-    finally:
-        COMFY.stop(client.process)
-
-
-@pytest.fixture(scope="session")
 def workflow_files(comfy_server) -> dict[str, set[str]]:
-    """Writes what the workflows load and the tests keep; returns folder -> file names written."""
+    """Writes the files the workflows load (tiny or random ones) where they read them; returns folder -> file
+    names written."""
     written: dict[str, set[str]] = {}
     for folder, names in loader_files().items():
         for name in sorted(names):
             if folder == "pid":
                 write_pid_checkpoint(comfy_server.models_dir, name)
             elif folder == "vae":
-                write_random_vae(comfy_server.models_dir / "vae" / name)
+                comfy_server.random_vae(name, kind="flux_kl", seed=VAE_SEED)
             elif folder == "input":
                 write_picture(comfy_server.input_dir / name)
+            elif folder == "text_encoders" and name == BUILD.GEMMA_FILE:
+                write_tiny_gemma(comfy_server.models_dir / folder / name)
             else:
-                continue  # diffusion models, checkpoints, text encoders: their loaders are replaced
+                continue  # diffusion models, checkpoints, other text encoders: their stand-ins need no file
             written.setdefault(folder, set()).add(name)
     return written
 

@@ -9,16 +9,20 @@ way a user opens it, and converted to a prompt by the frontend's ``app.graphToPr
 - every node, input name, link type and value exists in the server's ``/object_info`` (the pack as it
   is now), and every widget the frontend shows is an input of its node;
 - the note names every file the workflow loads;
+- every PiD Decode gets its caption from PiD Caption on a Gemma-2 Load CLIP, with the text of the prompt
+  the decoded latent was sampled with (or, without a prompt, a description of the picture);
 - the converted prompt runs to success on the CPU. Two kinds of change are made for that, and the test
   asserts that nothing else differs from the export:
   * loader nodes whose models cannot be made tiny from a file (UNETLoader, CheckpointLoaderSimple and
     the CLIP loaders) are replaced by the test pack's stand-ins, which build the same ComfyUI classes at
-    toy widths (``tests/comfy/test_pack/tiny_loaders.py``) and have the same outputs;
+    toy widths (``tests/comfy/test_pack/tiny_loaders.py``) and have the same outputs; the Load CLIP of
+    Gemma-2 (for PiD Caption) by ``PiDTestGemmaCLIP`` (``tests/comfy/test_pack/gemma_clip.py``), which
+    loads a tiny Gemma-2 written under the same file name as Load CLIP with type lumina2 does;
   * the width and height of the empty-latent node are set to ``TEST_SIZE``: a tiny PiD network still
     takes minutes per picture at the exported 2048/4096 px on a CPU. PiD Decode keeps ``native 4x``, so
     the picture is 4x the latent's size, as exported.
-  PiD checkpoints (tiny networks in the official layout), the VAE (full size, random) and Load Image's
-  picture are real files, written by ``conftest.py``.
+  PiD checkpoints (tiny networks in the official layout), the VAE (full size, random), the tiny Gemma-2
+  and Load Image's picture are real files, written by ``conftest.py``.
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ FAMILY_BY_FILE = {
 }
 FAMILY_BY_CLIP_TYPE = {"flux": "flux", "lumina2": "z_image", "flux2": "flux2", "qwen_image": "qwen_image",
                        "sdxl": "sdxl", "sd3": "sd3"}  # fmt: skip
+# The stand-in for PiD Caption's Load CLIP of Gemma-2, which is told apart from Z-Image's Load CLIP (also type
+# lumina2, qwen_3_4b) by its file name (is_gemma_clip).
+GEMMA_STAND_IN = "PiDTestGemmaCLIP"
 EMPTY_LATENTS = {"EmptyLatentImage", "EmptySD3LatentImage", "EmptyFlux2LatentImage"}
 TEST_SIZE = 64  # px of the empty latents in the run (Flux.2's /16 latent is then 4x4)
 RUN_TIMEOUT = 900
@@ -144,14 +151,24 @@ def family_of(node: dict) -> str:
     return table[key]
 
 
+def is_gemma_clip(node: dict) -> bool:
+    return node["class_type"] == "CLIPLoader" and node["inputs"]["clip_name"] == BUILD.GEMMA_FILE
+
+
+def stand_in(node: dict) -> dict:
+    """The test pack's node that replaces the loader ``node`` in the run."""
+    if is_gemma_clip(node):  # the tiny Gemma-2 that conftest.py wrote under the same name
+        return {"class_type": GEMMA_STAND_IN, "inputs": {"clip_name": node["inputs"]["clip_name"]}}
+    return {"class_type": STAND_INS[node["class_type"]], "inputs": {"family": family_of(node), "seed": 0}}
+
+
 def run_prompt(prompt: dict) -> tuple[dict, set[str], set[str]]:
     """The prompt the run uses, and the ids of the replaced loaders and resized empty latents."""
     run = copy.deepcopy(prompt)
     replaced, resized = set(), set()
     for node_id, node in run.items():
         if node["class_type"] in STAND_INS:
-            stand_in = STAND_INS[node["class_type"]]
-            run[node_id] = {"class_type": stand_in, "inputs": {"family": family_of(node), "seed": 0}}
+            run[node_id] = stand_in(node)
             replaced.add(node_id)
         elif node["class_type"] in EMPTY_LATENTS:
             node["inputs"].update(width=TEST_SIZE, height=TEST_SIZE)
@@ -177,6 +194,19 @@ def image_size(prompt: dict, ref: list, picture: tuple[int, int]) -> tuple[int, 
     if cls == "LoadImage":
         return picture
     raise AssertionError(f"image_size() does not know {cls}: add it")
+
+
+def sampled_with(prompt: dict, ref: list) -> str | None:
+    """The positive prompt's text of the run that made the LATENT (or CONDITIONING) output ``ref``, or None."""
+    node = prompt[ref[0]]
+    if node["class_type"] == "CLIPTextEncode":
+        return node["inputs"]["text"]
+    # back through samplers (positive; SamplerCustomAdvanced's guider), guidance and guiders (conditioning), and
+    # nodes that pass a latent on (PiD Tag Latent)
+    for name in ("positive", "guider", "conditioning", "latent_image", "latent"):
+        if isinstance(node["inputs"].get(name), list):
+            return sampled_with(prompt, node["inputs"][name])
+    return None
 
 
 def latent_size(prompt: dict, ref: list, picture: tuple[int, int]) -> tuple[int, int]:
@@ -355,6 +385,33 @@ def test_note_names_every_file(name, definitions):
     for folder, file_name in files:
         assert f"{folder}/{file_name}" in text, f"the note does not say where {file_name} goes ({folder}/)"
     assert "Recommended settings" in text
+
+
+def test_gemma_download_link_is_pid_cores():
+    """The notes and the template browser link the Gemma file that `python -m pid_core download --gemma` fetches."""
+    from pid_core.download import GEMMA_FILES, GEMMA_REPO
+
+    expected = f"https://huggingface.co/{GEMMA_REPO}/resolve/main/{GEMMA_FILES['bf16']}"
+    assert BUILD.DOWNLOADS[BUILD.GEMMA_FILE] == expected
+
+
+@workflow_params()
+def test_pid_decode_gets_a_caption_from_gemma(name, loaded):
+    prompt = loaded[name]["prompt"]
+    decodes = [node for node in prompt.values() if node["class_type"] == f"{PID}Decode"]
+    assert decodes, "the workflow has no PiD Decode"
+    for decode in decodes:
+        assert isinstance(decode["inputs"].get("caption"), list), "PiD Decode's caption is not connected"
+        caption = prompt[decode["inputs"]["caption"][0]]
+        assert caption["class_type"] == f"{PID}Caption", caption["class_type"]
+        assert caption["inputs"]["gemma_name"] == "none" and isinstance(caption["inputs"].get("clip"), list)
+        clip = prompt[caption["inputs"]["clip"][0]]
+        assert is_gemma_clip(clip) and clip["inputs"]["type"] == "lumina2", clip
+        text = sampled_with(prompt, decode["inputs"]["latent"])
+        if text is not None:
+            assert caption["inputs"]["text"] == text, "PiD Caption's text is not the prompt of the decoded run"
+        else:  # a picture from elsewhere (the upscale workflow): a description of it
+            assert len(caption["inputs"]["text"].split()) >= 5, caption["inputs"]["text"]
 
 
 @workflow_params()

@@ -8,17 +8,19 @@ KSamplerAdvanced, ModelSamplingFlux, ...) then runs exactly its normal code path
 milliseconds. ``PiDTestConditioning`` makes the CONDITIONING such a model expects, shaped from the
 model's own config, so no CLIP/T5 is needed.
 
-The folder is linked into ``custom_nodes`` by ``tests/comfy/conftest.py``; it is never installed for
+The folder is linked into ``custom_nodes`` by ``tests/conftest.py``; it is never installed for
 users. Node ids start with ``PiDTest`` so they cannot clash with the pack or with ComfyUI core.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from comfy_api.latest import ComfyExtension, io
 
+import comfy.ldm.modules.diffusionmodules.mmdit
 import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
@@ -53,13 +55,31 @@ def seeded_init_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module
 
 
+def fixed_buffers_(network: torch.nn.Module) -> torch.nn.Module:
+    """Fill the buffers that ComfyUI allocates empty and a checkpoint file fills.
+
+    SD3's MMDiT keeps its fixed sine-cosine position table in a ``pos_embed`` buffer made with ``torch.empty``:
+    left as allocated it holds whatever memory held (zeros in a fresh process, NaN or huge values in a busy
+    one, so a run could diverge or not). Written here: a fixed sine-cosine table of the kind SD3 files carry
+    (ComfyUI's own ``get_2d_sincos_pos_embed`` over the ``pos_embed_max_size`` grid).
+    """
+    pos_embed = getattr(network, "pos_embed", None)
+    if isinstance(pos_embed, torch.Tensor) and isinstance(network, comfy.ldm.modules.diffusionmodules.mmdit.MMDiT):
+        _, patches, width = pos_embed.shape
+        side = math.isqrt(patches)
+        table = comfy.ldm.modules.diffusionmodules.mmdit.get_2d_sincos_pos_embed(width, side)
+        with torch.no_grad():
+            pos_embed.copy_(torch.from_numpy(table).reshape(1, patches, width))
+    return network
+
+
 def build_model_patcher(model_config, seed: int) -> comfy.model_patcher.ModelPatcher:
     """Instantiate ``model_config``'s model in fp32 with seeded weights, wrapped like a loaded checkpoint."""
     load_device = comfy.model_management.get_torch_device()
     offload_device = comfy.model_management.unet_offload_device()
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model({}, "")
-    seeded_init_(model.diffusion_model, seed)
+    fixed_buffers_(seeded_init_(model.diffusion_model, seed))
     model = model.to(offload_device)
     n_params = sum(p.numel() for p in model.diffusion_model.parameters())
     log.info("tiny %s model: %d parameters, seed %d", type(model).__name__, n_params, seed)

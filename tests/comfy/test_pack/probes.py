@@ -6,7 +6,8 @@
   (the latent ``z`` and ``sigma`` PiD's network receives) or sleeps before every call.
 * ``PiDTestSave``: writes IMAGE / LATENT / SIGMAS / FLOAT values as float tensors (no 8-bit rounding).
 * ``PiDTestTagLatent``: tags a LATENT with one PiD sigma per item, through the pack's own metadata module.
-* ``PiDTestRandomVAE``: writes a seeded random VAE file (full-size Flux KL-VAE or TAESD) into models/vae.
+* ``PiDTestRandomVAE``: writes a seeded random VAE file (full-size Flux KL-VAE or TAESD) into models/vae; every
+  name asked for with the same kind and seed is a link to one file, made once per server.
 
 Records go to ``output/pidtest-tensors/<name>.safetensors``, rewritten after every call. Inputs are never
 mutated: models are cloned, and the probed decoder wraps the shared network in a new module and patcher.
@@ -19,6 +20,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from dataclasses import replace
 
@@ -34,6 +36,7 @@ log = logging.getLogger("pid_test_pack")
 
 CATEGORY = "PiD/testing"
 RECORD_FOLDER = "pidtest-tensors"
+RANDOM_VAE_FOLDER = "pidtest-random-vae"  # in ComfyUI's temp folder (emptied at every start)
 PiDDecoderType = io.Custom("PID_DECODER")
 
 
@@ -299,7 +302,8 @@ class PiDTestRandomVAE(io.ComfyNode):
             display_name="PiD Test: Write Random VAE",
             category=CATEGORY,
             description="Writes a seeded random VAE into models/vae unless the file exists: the full-size Flux "
-            "KL-VAE (16 channels, fp16, ~168 MB) or a TAESD with the given latent channels. For tests only.",
+            "KL-VAE (16 channels, fp16, ~168 MB; the layout of ae.safetensors) or a TAESD with the given latent "
+            "channels. The same kind, channels and seed give the same file (made once per server). For tests only.",
             inputs=[
                 io.Combo.Input("kind", options=["flux_kl", "taesd"]),
                 io.String.Input("filename", default="pidtest-vae.safetensors"),
@@ -312,22 +316,47 @@ class PiDTestRandomVAE(io.ComfyNode):
 
     @classmethod
     def execute(cls, kind: str, filename: str, latent_channels: int, seed: int) -> io.NodeOutput:
-        from . import seeded_init_
-
         path = os.path.join(folder_paths.get_folder_paths("vae")[0], filename)
         if not os.path.exists(path):
-            if kind == "flux_kl":
-                module = _flux_kl_vae()
-            else:
-                import comfy.taesd.taesd
-
-                module = comfy.taesd.taesd.TAESD(latent_channels=latent_channels)
-            seeded_init_(module, seed)
-            tensors = {k: v.to(torch.float16).contiguous() for k, v in module.state_dict().items()}
-            save_file(tensors, path + ".tmp")
-            os.replace(path + ".tmp", path)
-            log.info("wrote random %s VAE %s (%d tensors)", kind, path, len(tensors))
+            channels = 16 if kind == "flux_kl" else latent_channels
+            link_or_copy(random_vae_file(kind, channels, seed), path)
+            log.info("random %s VAE (seed %d) at %s", kind, seed, path)
         return io.NodeOutput()
+
+
+def random_vae_file(kind: str, latent_channels: int, seed: int) -> str:
+    """The seeded random VAE of ``kind`` as a file in ComfyUI's temp folder, written on first use in the session.
+
+    Every weight is set (``seeded_init_``): the layers of ``comfy.ops`` have no init, and missing keys would load
+    as whatever memory held. The full-size Flux VAE takes a few seconds and 168 MB, so each VAE is made once per
+    server and linked to every name asked for."""
+    from . import seeded_init_
+
+    folder = os.path.join(folder_paths.get_temp_directory(), RANDOM_VAE_FOLDER)
+    path = os.path.join(folder, f"{kind}-{latent_channels}ch-seed{seed}.safetensors")
+    if not os.path.exists(path):
+        if kind == "flux_kl":
+            module = _flux_kl_vae()
+        else:
+            import comfy.taesd.taesd
+
+            module = comfy.taesd.taesd.TAESD(latent_channels=latent_channels)
+        seeded_init_(module, seed)
+        tensors = {k: v.to(torch.float16).contiguous() for k, v in module.state_dict().items()}
+        os.makedirs(folder, exist_ok=True)
+        save_file(tensors, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        log.info("wrote random %s VAE %s (%d tensors)", kind, path, len(tensors))
+    return path
+
+
+def link_or_copy(source: str, destination: str) -> None:
+    """A hard link (no second copy on disk), or a copy where the two folders are on different file systems."""
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copyfile(source, destination + ".tmp")
+        os.replace(destination + ".tmp", destination)
 
 
 PROBE_NODES = [

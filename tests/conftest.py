@@ -1,12 +1,14 @@
-"""A real ComfyUI server with this pack installed, for tests that drive it over HTTP.
+"""A real ComfyUI server with this pack installed, shared by the tests that drive it over HTTP.
 
 ``comfy_server`` (session scope) starts ComfyUI 0.3.75 from ``.comfyui/ComfyUI`` with ``.venv``'s
 python (both made by ``scripts/setup_env.sh``; ``scripts/test.sh`` runs it first) on a free
 loopback port, with a fresh base directory under pytest's tmp. That directory's ``custom_nodes``
 links the pack root as ``comfyui-pid`` and ``tests/comfy/test_pack`` (tiny random models,
-conditioning without a text encoder). The server starts once per session (5-10 s, only when a
-test asks for it) and is stopped at the end. Every test in this folder is marked ``comfy``, so
-``-m "not comfy"`` runs the rest of the suite without a server.
+conditioning without a text encoder, stand-ins for the stock loaders, random VAE files), and it has
+the model folders every test writes into. The server starts once per session (5-10 s, only when a
+test asks for it) and serves both ``tests/comfy`` and ``tests/workflows``; it is stopped at the end.
+Every test in those two folders is marked ``comfy``, so ``-m "not comfy"`` runs the rest of the suite
+without a server. ``tests/workflows/build_workflows.py`` starts the same server with :func:`start_server`.
 
 Tests get a :class:`ComfyClient`::
 
@@ -14,6 +16,7 @@ Tests get a :class:`ComfyClient`::
         info = comfy_server.object_info("KSampler")
         entry = comfy_server.run({"1": {"class_type": ..., "inputs": {...}}, ...})
         image = comfy_server.image(entry["outputs"]["9"]["images"][0])
+        vae_path = comfy_server.random_vae("ae.safetensors")  # a seeded random full-size Flux VAE
 
 Only the standard library and Pillow are used, so the client runs in any environment that has the
 test requirements.
@@ -37,10 +40,12 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
 COMFYUI_DIR = REPO_ROOT / ".comfyui" / "ComfyUI"
 VENV_PYTHON = REPO_ROOT / ".venv" / "bin" / "python"
-TEST_PACK_DIR = Path(__file__).resolve().parent / "test_pack"
+TEST_PACK_DIR = TESTS_DIR / "comfy" / "test_pack"
+SERVER_TEST_DIRS = (TESTS_DIR / "comfy", TESTS_DIR / "workflows")  # their tests are marked ``comfy``
 
 PACK_LINK_NAME = "comfyui-pid"  # the pack's folder name inside custom_nodes
 TEST_PACK_LINK_NAME = "pid-test-pack"
@@ -204,6 +209,17 @@ class ComfyClient:
         """GET /queue: {"queue_running": [...], "queue_pending": [...]}."""
         return self.get_json("/queue")
 
+    def random_vae(self, filename: str, kind: str = "flux_kl", latent_channels: int = 16, seed: int = 0) -> Path:
+        """``models/vae/<filename>``: a seeded random VAE written by the test pack's PiDTestRandomVAE (``flux_kl``:
+        the full-size Flux VAE in the layout of ``ae.safetensors``; ``taesd``: a TAESD of ``latent_channels``).
+        The server makes each (kind, channels, seed) once and links it to every name, so asking again is cheap."""
+        path = self.models_dir / "vae" / filename
+        node = {"class_type": "PiDTestRandomVAE",
+                "inputs": {"kind": kind, "filename": filename, "latent_channels": latent_channels, "seed": seed}}
+        self.run({"1": node}, timeout=600)
+        assert path.is_file(), f"PiDTestRandomVAE did not write {path}"
+        return path
+
     def free(self, unload_models: bool = True) -> None:
         """POST /free: unload models and drop the node output cache (between tests that measure memory)."""
         self.post_json("/free", {"unload_models": unload_models, "free_memory": True})
@@ -324,19 +340,19 @@ def start_server(base: Path) -> ComfyClient:
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "comfy: runs against a real ComfyUI server (tests/comfy)")
+    config.addinivalue_line("markers", "comfy: runs against a real ComfyUI server (tests/comfy, tests/workflows)")
 
 
 def pytest_collection_modifyitems(config, items):
-    here = Path(__file__).resolve().parent
     for item in items:
-        if here in Path(item.path).resolve().parents:
+        parents = Path(item.path).resolve().parents
+        if any(folder in parents for folder in SERVER_TEST_DIRS):
             item.add_marker(pytest.mark.comfy)
 
 
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory) -> ComfyClient:
-    """A running ComfyUI with the pack and the test pack loaded; see :class:`ComfyClient`."""
+    """A running ComfyUI with the pack and the test pack loaded, one for the session; see :class:`ComfyClient`."""
     base = tmp_path_factory.mktemp("comfyui-base")
     client = start_server(base)
     try:
