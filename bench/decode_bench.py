@@ -1,6 +1,7 @@
 """Time and peak memory of PiD decodes, ours against a reference-style run, plus tiled-vs-whole agreement.
 
     python bench/decode_bench.py [--long] [--weights model_ema_bf16.pth] [--repeats 3] [--json out.json]
+    python bench/decode_bench.py --sizes --agreement-size 2048 --tiled-4096    # only the long runs
 
 The full-size Flux 2k network (random weights unless ``--weights``) decodes 512 and 1024 px outputs (and
 2048 px, and 4096 px tiled, with ``--long``), 4 steps each. Every decode runs in a fresh process, so its peak
@@ -54,7 +55,7 @@ def load() -> str:
 
 def run(size: int, mode: str, weights: str | None, **kwargs) -> dict:
     result = measure_in_subprocess(size=size, mode=mode, weights=weights, **kwargs)
-    print(f"  {size:5d} px {mode:10s} {result['seconds']:8.1f} s  peak {result['peak_bytes'] / GIB:6.2f} GiB  "
+    print(f"  {size:5d} px {mode:10s} {result['seconds']:8.1f} s (cpu {result['cpu_seconds']:7.1f} s)  peak {result['peak_bytes'] / GIB:6.2f} GiB  "
           f"(estimate {result['estimate_bytes'] / GIB:5.2f})  {result['plan']}", flush=True)
     return result
 
@@ -65,11 +66,13 @@ def compare(size: int, repeats: int, weights: str | None) -> dict:
         for mode in runs:
             runs[mode].append(run(size, mode, weights))
     best = {mode: min(r["seconds"] for r in rs) for mode, rs in runs.items()}
+    cpu = {mode: min(r["cpu_seconds"] for r in rs) for mode, rs in runs.items()}
     peak = {mode: max(r["peak_bytes"] for r in rs) for mode, rs in runs.items()}
     return {
         "size": size,
         "repeats": repeats,
         "seconds": best,
+        "cpu_seconds": cpu,
         "peak_bytes": peak,
         "estimate_bytes": {mode: rs[0]["estimate_bytes"] for mode, rs in runs.items()},
         "plan": {mode: rs[0]["plan"] for mode, rs in runs.items()},
@@ -98,7 +101,10 @@ def main() -> None:
     parser.add_argument("--long", action="store_true", help="add 2048 px (both setups) and 4096 px tiled (ours)")
     parser.add_argument("--weights", help="a real PiD checkpoint (Flux 2k); default: random weights")
     parser.add_argument("--repeats", type=int, default=3, help="runs per setup at 512 and 1024 px (best time is kept)")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024], help="output sides compared whole")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[512, 1024], help="output sides compared whole")
+    parser.add_argument("--agreement-size", type=int, help="output side of the tiled-vs-whole check (default: the "
+                        "largest compared size; 0 skips it)")
+    parser.add_argument("--tiled-4096", action="store_true", help="decode 4096 px tiled (ours only; implied by --long)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
 
@@ -111,25 +117,28 @@ def main() -> None:
         repeats = args.repeats if size <= 1024 else 1
         print(f"{size} px, {repeats} run(s) per setup:")
         results["compare"].append(compare(size, repeats, args.weights))
-    with tempfile.TemporaryDirectory() as tmp:
-        print(f"tiled vs whole at {sizes[-1]} px:")
-        results["agreement"] = agreement(sizes[-1], args.weights, Path(tmp))
-    if args.long:
+    agreement_size = args.agreement_size if args.agreement_size is not None else max(sizes, default=0)
+    if agreement_size:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(f"tiled vs whole at {agreement_size} px:")
+            results["agreement"] = agreement(agreement_size, args.weights, Path(tmp))
+    if args.long or args.tiled_4096:
         print("4096 px, tiled (ours only: whole-image fp32 would need ~17 GiB and hours on a CPU):")
         results["tiled_4096"] = run(4096, "ours", args.weights, tiling="on")
     results["load_end"] = load()
 
     print(f"\nResults ({label}); machine: {results['machine']}")
-    print(f"{'size':>6} {'runs':>4} {'ours s':>8} {'ref s':>8} {'time':>6} {'ours GiB':>9} {'ref GiB':>8} {'memory':>7}"
-          f" {'est. ours':>9} {'est. ref':>8}")
+    print(f"{'size':>6} {'runs':>4} {'ours s':>8} {'ref s':>8} {'time':>6} {'cpu time':>8} {'ours GiB':>9} {'ref GiB':>8}"
+          f" {'memory':>7} {'est. ours':>9} {'est. ref':>8}")
     for r in results["compare"]:
-        s, m, e = r["seconds"], r["peak_bytes"], r["estimate_bytes"]
+        s, c, m, e = r["seconds"], r["cpu_seconds"], r["peak_bytes"], r["estimate_bytes"]
         print(f"{r['size']:6d} {r['repeats']:4d} {s['ours']:8.1f} {s['reference']:8.1f} {s['ours'] / s['reference']:6.2f}"
-              f" {m['ours'] / GIB:9.2f} {m['reference'] / GIB:8.2f} {m['ours'] / m['reference']:7.2f}"
-              f" {e['ours'] / GIB:9.2f} {e['reference'] / GIB:8.2f}")
-    a = results["agreement"]
-    print(f"tiled vs whole at {a['size']} px ({a['tiles']}): PSNR {a['psnr_db']:.1f} dB; seam score tiled "
-          f"{a['seam_tiled']:.3f}, whole at the same lines {a['seam_whole']:.3f}")
+              f" {c['ours'] / c['reference']:8.2f} {m['ours'] / GIB:9.2f} {m['reference'] / GIB:8.2f}"
+              f" {m['ours'] / m['reference']:7.2f} {e['ours'] / GIB:9.2f} {e['reference'] / GIB:8.2f}")
+    print("time, cpu time, memory: ours / reference-style (below 1: ours is faster / leaner)")
+    if a := results.get("agreement"):
+        print(f"tiled vs whole at {a['size']} px ({a['tiles']}): PSNR {a['psnr_db']:.1f} dB; seam score tiled "
+              f"{a['seam_tiled']:.3f}, whole at the same lines {a['seam_whole']:.3f}")
     if "tiled_4096" in results:
         t = results["tiled_4096"]
         print(f"4096 px tiled: {t['seconds']:.0f} s, peak {t['peak_bytes'] / GIB:.2f} GiB "

@@ -136,6 +136,7 @@ class PiDDecode(io.ComfyNode):
                 size=_size(size), steps=steps, seed=seed, info=pid_decoder.info, callback=step_done,
                 device=device, tiling=tiling, tile_size=tile_size or None,
                 memory_budget=int(mm.get_free_memory(device) * SAFETY), call_callback=network_call,
+                attention=pid_decoder.attention,
             )
         for warning in caught:
             log.warning("PiD Decode: %s", warning.message)

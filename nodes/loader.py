@@ -17,6 +17,7 @@ from ..pid_core.api import PRECISIONS, build_network
 from ..pid_core.checkpoint import CheckpointInfo, load_checkpoint
 from ..pid_core.config import LatentSpace
 from ..pid_core.rae import load_rae
+from ..pid_core.runtime import ATTENTION_BACKENDS, compile_blocks
 from . import paths
 from .common import CATEGORY, NODE_PREFIX, PiDDecoderType
 
@@ -34,6 +35,7 @@ class PiDDecoderModel:
     info: CheckpointInfo
     vae: object | None  # comfy.sd.VAE, for PiD Encode Image
     rae: comfy.model_patcher.ModelPatcher | None = None  # of a pid_core.rae.RAE, for PiD Encode Image and RAE Decode
+    attention: str = AUTO  # the scaled-dot-product kernel PiD Decode asks for
 
     @property
     def space(self) -> LatentSpace | None:
@@ -48,7 +50,8 @@ def load_rae_patcher(rae_name: str, info: CheckpointInfo, weight_dtype: str) -> 
 
 
 def load_decoder(
-    pid_name: str, latent_space: str, weight_dtype: str, vae_name: str, rae_name: str = NONE
+    pid_name: str, latent_space: str, weight_dtype: str, vae_name: str, rae_name: str = NONE,
+    attention: str = AUTO, compiled: bool = False,
 ) -> PiDDecoderModel:
     space = None if latent_space == AUTO else latent_space
     loaded = load_checkpoint(paths.checkpoint_path(pid_name), space=space)
@@ -56,6 +59,8 @@ def load_decoder(
     # manual_cast layers cast each weight to the compute dtype/device, which also lets ComfyUI keep part of
     # the weights off the GPU (low-VRAM mode)
     network = build_network(loaded, PRECISIONS[weight_dtype], "cpu", operations=comfy.ops.manual_cast)
+    if compiled:  # each block compiles at its first call per input shape
+        compile_blocks(network)
     patcher = comfy.model_patcher.ModelPatcher(
         network, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
     )
@@ -74,7 +79,7 @@ def load_decoder(
         info.space.value if info.space else "undecided",
     )
     rae = load_rae_patcher(rae_name, info, weight_dtype) if rae_name != NONE else None
-    return PiDDecoderModel(patcher, info, vae, rae)
+    return PiDDecoderModel(patcher, info, vae, rae, attention)
 
 
 class LoadPiDDecoder(io.ComfyNode):
@@ -114,12 +119,23 @@ class LoadPiDDecoder(io.ComfyNode):
                     tooltip="For the DINOv2 and SigLIP checkpoints: the RAE folder in models/pid/rae/ (encoder, "
                     "decoder and statistics), needed by PiD Encode Image and PiD RAE Decode.",
                 ),
+                io.Combo.Input(
+                    "attention", options=list(ATTENTION_BACKENDS), default=AUTO, optional=True,
+                    tooltip="Attention kernel: auto lets PyTorch choose; math always works; flash/efficient/cudnn "
+                    "force a fused kernel. A call that gives NaN is redone with math (some fused kernels do on AMD).",
+                ),
+                io.Boolean.Input(
+                    "compile", default=False, optional=True,
+                    tooltip="torch.compile the network's blocks: faster decodes on a GPU after a slow first decode "
+                    "at each new output or tile size. Needs a working Triton (GPU) or C++ compiler (CPU).",
+                ),
             ],
             outputs=[PiDDecoderType.Output(display_name="pid_decoder")],
         )
 
     @classmethod
     def execute(
-        cls, pid_name: str, latent_space: str, weight_dtype: str, vae_name: str, rae_name: str = NONE
+        cls, pid_name: str, latent_space: str, weight_dtype: str, vae_name: str, rae_name: str = NONE,
+        attention: str = AUTO, compile: bool = False,
     ) -> io.NodeOutput:
-        return io.NodeOutput(load_decoder(pid_name, latent_space, weight_dtype, vae_name, rae_name))
+        return io.NodeOutput(load_decoder(pid_name, latent_space, weight_dtype, vae_name, rae_name, attention, compile))

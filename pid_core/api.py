@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from .config import LatentSpace
 from .latents import SigmaLike, sigma_tensor, to_network_latent
 from .memory import GB, SAFETY, MemoryEstimate, available_memory, estimate, items_that_fit
 from .network import PiDNetwork
+from .runtime import Fallback, autocast, default_compute_dtype
 from .sampler import sample
 from .sizes import SizeLike, output_size, training_range_warning
 from .tiling import TilePlan, choose_plan, tiled_forward
@@ -155,7 +155,7 @@ def plan_decode(
     """
     param = next(network.parameters())
     device = torch.device(device) if device is not None else param.device
-    dtype = compute_dtype or param.dtype
+    dtype = compute_dtype or default_compute_dtype(device, param.dtype)
     budget = memory_budget
     if budget is None and (free := available_memory(device)) is not None:
         budget = int(free * SAFETY)
@@ -197,11 +197,14 @@ def decode(
     tile_size: int | None = None,
     memory_budget: int | None = None,
     call_callback: CallProgress | None = None,
+    attention: str = "auto",
 ) -> torch.Tensor:
     """Decode a ComfyUI-convention latent with ``network``; returns the image [B, 3, H, W] in [-1, 1] (float32, CPU).
 
-    Runs on ``device`` (default: where the weights are), computing in ``compute_dtype`` (default: the weights'
-    dtype; bf16 runs under autocast as the reference does, fp32 gives exact parity). ``info`` (from loading)
+    Runs on ``device`` (default: where the weights are), computing in ``compute_dtype`` (default: see
+    :func:`pid_core.runtime.default_compute_dtype`; bf16 runs under autocast as the reference does, fp32 gives
+    exact parity) with the ``attention`` kernel (see :mod:`pid_core.runtime`, which also tells how a call with
+    NaN/inf output is redone). ``info`` (from loading)
     lets the latent space and training range be checked; ``callback(step, total, x0)`` reports progress and
     may raise to cancel. ``tiling``, ``tile_size`` and ``memory_budget`` choose whole or tiled decoding (see
     :func:`plan_decode`); ``call_callback(step, done, total)`` runs after each network call, one per group of
@@ -222,7 +225,8 @@ def decode(
 
     param = next(network.parameters())
     device = torch.device(device) if device is not None else param.device
-    dtype = compute_dtype or param.dtype
+    dtype = compute_dtype or default_compute_dtype(device, param.dtype)
+    run = Fallback(device, dtype, attention)
     plan = plan_decode(network, height, width, batch=batch, tiling=tiling, tile_size=tile_size,
                        memory_budget=memory_budget, device=device, compute_dtype=dtype)
     log.info("PiD decode: %s", plan.describe())
@@ -235,10 +239,9 @@ def decode(
     sig = sigma_tensor(sigma, batch).to(device)  # warns once for a sigma beyond the trained range
     y = _caption_tensor(caption, batch, network).to(device)
     z = z.to(device)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     grid = (height // config.patch_size, width // config.patch_size)
     groups = [slice(i, i + plan.items_per_call) for i in range(0, batch, plan.items_per_call)]
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast(device, dtype):
         # once per decode, as they depend on the latent only; kept per group as the network made them (a copy
         # into one tensor would change their memory layout, and with it the bf16 rounding of the matrix kernels)
         lq_tokens = [network.project_latent(z[g], grid) for g in groups]
@@ -256,10 +259,9 @@ def decode(
                 call_callback(step, calls_done, plan.calls_per_step)
 
         def forward(g: slice, lq: torch.Tensor) -> torch.Tensor:
-            with torch.inference_mode(), autocast:
-                if plan.tiles is not None:
-                    return tiled_forward(network, x[g], t[g], y[g], sig[g], lq, plan.tiles, called)
-                v = network(x[g], t[g], y[g], None, sig[g], lq_tokens=lq).float()
+            if plan.tiles is not None:
+                return run(lambda: tiled_forward(network, x[g], t[g], y[g], sig[g], lq, plan.tiles, called))
+            v = run(lambda: network(x[g], t[g], y[g], None, sig[g], lq_tokens=lq).float())
             called()
             return v
 

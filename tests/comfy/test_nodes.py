@@ -539,6 +539,17 @@ def test_node_decode_equals_pid_core_decode(comfy_server, pid_models, weight_dty
     assert torch.equal(values["image"], ((reference + 1) * 0.5).permute(0, 2, 3, 1))
 
 
+def test_attention_kernel_chosen_in_the_loader_reaches_the_decode(comfy_server, pid_models):
+    g = Graph()
+    sampler = Diffusion(g, "flux")
+    early = sampler.pid_ksampler(EXIT_STEP)
+    pid = g.node("PixelDecoderPiD_LoadDecoder", pid_name=FLUX_PID, latent_space="auto", weight_dtype="fp32",
+                 vae_name="none", attention="efficient")  # a kernel CPUs do not have
+    save_values(g, "e-kernel", image=out(decode(g, pid, out(early))))
+    fails_with(comfy_server, g, "PixelDecoderPiD_Decode", "efficient attention kernel is not available here",
+               "choose auto or math")
+
+
 def test_node_tiles_on_request_and_equals_pid_core_tiled(comfy_server, pid_models):
     g = Graph()
     sampler = Diffusion(g, "flux")
@@ -722,8 +733,8 @@ def test_each_batch_item_decodes_with_its_own_sigma(comfy_server, pid_models):
 # --- (h) the node definitions ---------------------------------------------------------------------------------
 
 DOCUMENTED = {
-    "PixelDecoderPiD_LoadDecoder": (["pid_name", "latent_space", "weight_dtype", "vae_name"], ["rae_name"],
-                                    ["PID_DECODER"]),
+    "PixelDecoderPiD_LoadDecoder": (["pid_name", "latent_space", "weight_dtype", "vae_name"],
+                                    ["rae_name", "attention", "compile"], ["PID_DECODER"]),
     "PixelDecoderPiD_KSamplerEarlyExit": (
         ["model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative", "latent_image",
          "denoise", "exit_step"], [], ["LATENT", "FLOAT"],
