@@ -15,11 +15,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 from pid_core.config import NetworkConfig, released  # noqa: E402
 from pid_core.network import PiDNetwork  # noqa: E402
@@ -33,10 +35,14 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def random_network(config: NetworkConfig, dtype: torch.dtype, seed: int = 0) -> PiDNetwork:
+# The official network's layers: plain torch.nn, whose weights bf16 autocast casts itself (and caches, see below).
+TORCH_LAYERS = SimpleNamespace(Linear=nn.Linear, Conv2d=nn.Conv2d, GroupNorm=nn.GroupNorm, LayerNorm=nn.LayerNorm)
+
+
+def random_network(config: NetworkConfig, dtype: torch.dtype, seed: int = 0, operations=None) -> PiDNetwork:
     """A full-size network with random weights of realistic scale, allocated once in ``dtype`` (no transient copy)."""
     with torch.device("meta"):
-        network = PiDNetwork(config, dtype=dtype)
+        network = PiDNetwork(config, dtype=dtype, **({"operations": operations} if operations else {}))
     network = network.to_empty(device="cpu")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -52,13 +58,13 @@ def random_network(config: NetworkConfig, dtype: torch.dtype, seed: int = 0) -> 
     return network.eval().requires_grad_(False)
 
 
-def real_network(path: str, dtype: torch.dtype) -> tuple[PiDNetwork, str]:
+def real_network(path: str, dtype: torch.dtype, operations=None) -> tuple[PiDNetwork, str]:
     from pid_core.api import build_network
     from pid_core.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(path)
     space = loaded.info.space.value if loaded.info.space is not None else "flux"
-    return build_network(loaded, dtype), space
+    return build_network(loaded, dtype, operations=operations), space
 
 
 def measure(
@@ -76,8 +82,12 @@ def measure(
     """One decode of a ``size`` x ``size`` output; returns timings, peak memory and the plan.
 
     ``mode`` "ours": bf16 weights, bf16 autocast, chunked pixel blocks, tiled when ``tiling`` says so.
-    "reference": the reference's profile emulated with our network: fp32 weights, bf16 autocast, untiled,
-    unchunked.
+    "reference": the official code's profile emulated with our network: fp32 weights in plain torch.nn layers
+    that require grad (the official inference only calls ``model.eval()``), bf16 autocast, untiled, unchunked.
+    Under ``torch.no_grad``, as the official sampler runs, autocast caches the bf16 copy of every weight that
+    requires grad for as long as its region lasts, so a bf16 copy of all weights sits beside the fp32 ones by the
+    end of a network call, as in the official run. (Checked against the official code itself run on the CPU by
+    the reference runner: see the README's performance section.)
     """
     from pid_core.api import decode, plan_decode
 
@@ -94,10 +104,16 @@ def measure(
     start = time.perf_counter()
     dtype = torch.bfloat16 if mode == "ours" else torch.float32
     space = "flux"
+    operations = TORCH_LAYERS if mode == "reference" else None
     if weights:
-        network, space = real_network(weights, dtype)
+        network, space = real_network(weights, dtype, operations)
     else:
-        network = random_network(config, dtype, seed)
+        network = random_network(config, dtype, seed, operations)
+    if mode == "reference":
+        network.requires_grad_(True)
+        # the official sampler runs under torch.no_grad, where autocast keeps its cast cache (inference mode,
+        # which pid_core uses, turns the cache off); this process only runs this one decode
+        torch.inference_mode = torch.no_grad
     after_build = peak_rss()
     build_seconds = time.perf_counter() - start
     if mode == "reference":

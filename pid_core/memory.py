@@ -115,7 +115,8 @@ def call_phases(
     else:
         chunk = pixel_chunk * c.patch_size**2
         pixel_attention = tokens * pix_dim * (4 * a + f + 4 * a)  # compressed, qkv, one fp32 q/k, q/k/v/out
-        pixel = s_cond + stream + max(pixel_attention, stream + tokens * pix_dim * a + chunk * per_pixel)
+        rows = 4 * c.patch_size**2 * pd * dim * a  # the adaLN rows of the four tensors after the attention
+        pixel = s_cond + stream + max(pixel_attention, stream + tokens * pix_dim * a + rows + chunk * per_pixel)
         final_rows = chunk
     return {
         "patch": lq + max(attention, mlp),
@@ -172,9 +173,9 @@ def activation_bytes(
     # once per decode, a group of images at a time: the LQ projection's convolutions on the patch grid (GroupNorms
     # in fp32), beside the tokens of the groups done
     phases["lq"] = call_tokens * c.lq_hidden_dim * 4 * a + state + other_lq_tokens
-    # the sampler's update x0 = x - t v in float64 on the whole image: x, v and the previous x0 in fp32, and
-    # three float64 temporaries; the floor of a tiled decode (1.7 GB at 4096 px)
-    phases["sampler"] = whole_pixels * 3 * (3 * 4 + 3 * 8) + lq_tokens
+    # the sampler's update x0 = x - t v: x, v, the previous and the new x0 in fp32 on the whole image (float64
+    # only on bands of rows), then the fresh noise; the floor of a tiled decode (0.8 GB at 4096 px)
+    phases["sampler"] = whole_pixels * 3 * 4 * 4 + lq_tokens
     return phases
 
 

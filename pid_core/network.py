@@ -36,8 +36,9 @@ from .lq import LQProjection, SigmaAwareGate
 Rope = tuple[torch.Tensor, torch.Tensor]
 
 # Patches per chunk in the pixel-level blocks. Their per-pixel modulation is 6 * 16 * 256 = 24576 values per
-# patch: 3.2 GB in bf16 for a whole 4096 px image, 200 MB for a chunk of 4096 patches (one 1024 px image).
-PIXEL_CHUNK_PATCHES = 4096
+# patch: 3.2 GB in bf16 for a whole 4096 px image, 50 MB for a chunk of 1024 patches (a 512 px image). Chunks
+# cost no extra arithmetic, and a thousand rows keep the matrix kernels busy.
+PIXEL_CHUNK_PATCHES = 1024
 
 
 def row_chunks(n: int, chunk: int | None) -> list[slice]:
@@ -188,14 +189,24 @@ class PixelBlock(nn.Module):
         """[n, D] -> six [n, P*P, pd] tensors; the Linear's output is laid out per pixel: [pixel, chunk, channel]."""
         return self.adaLN_modulation(cond).view(cond.shape[0], self.pixels, -1).chunk(6, dim=-1)
 
+    def modulation_part(self, first: int, last: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adaLN Linear's weight and bias rows of modulation tensors ``first``..``last - 1`` only, cast for
+        ``like``: a chunked block computes each tensor once, in the half of the block that uses it."""
+        linear = self.adaLN_modulation[0]
+        dtype = matmul_dtype(like)
+
+        def rows(p: torch.Tensor) -> torch.Tensor:
+            return p.view(self.pixels, 6, -1, *p.shape[1:])[:, first:last].flatten(0, 2).to(like.device, dtype)
+
+        return rows(linear.weight), rows(linear.bias)
+
     def forward(
         self, x: torch.Tensor, cond: torch.Tensor, rope: Rope, batch: int, chunk: int | None = None
     ) -> torch.Tensor:
         """x: [B*L, P*P, pd] pixels per patch; cond: [B*L, D] one conditioning token per patch.
 
         With ``chunk``, everything but the attention runs ``chunk`` patches at a time, so the per-pixel
-        modulation ([B*L, 6*P*P*pd]) and the MLP's hidden layer never exist whole; the modulation of a chunk
-        is computed twice (before and after the attention). The result is the same.
+        modulation ([B*L, 6*P*P*pd]) and the MLP's hidden layer never exist whole. The result is the same.
         """
         n, pixels, pd = x.shape
         parts = row_chunks(n, chunk)
@@ -206,24 +217,29 @@ class PixelBlock(nn.Module):
             x = x + gate1 * h.reshape(n, pixels, pd)
             return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
-        compressed = torch.cat([self._compress(x[part], cond[part]) for part in parts])
+        before = self.modulation_part(0, 2, cond)  # shift1, scale1
+        compressed = torch.cat([self._compress(x[part], cond[part], before) for part in parts])
+        del before
         attended = self.attn(compressed.view(batch, n // batch, -1), rope).flatten(0, 1)
         del compressed
+        after = self.modulation_part(2, 6, cond)  # gate1, shift2, scale2, gate2
         out = None
         for part in parts:
-            h = self._finish(x[part], cond[part], attended[part])
+            h = self._finish(x[part], cond[part], attended[part], after)
             if out is None:
                 out = h.new_empty((n, pixels, pd))
             out[part] = h
         return out
 
     # the two halves of a chunk, as methods so that each chunk's temporaries are freed before the next one's
-    def _compress(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        shift1, scale1 = self.modulation(cond)[:2]
+    def _compress(self, x: torch.Tensor, cond: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        shift1, scale1 = F.linear(cond, *rows).view(cond.shape[0], self.pixels, -1).chunk(2, dim=-1)
         return self.compress_to_attn(modulate(self.norm1(x), shift1, scale1).flatten(1))
 
-    def _finish(self, x: torch.Tensor, cond: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        gate1, shift2, scale2, gate2 = self.modulation(cond)[2:]
+    def _finish(
+        self, x: torch.Tensor, cond: torch.Tensor, attended: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        gate1, shift2, scale2, gate2 = F.linear(cond, *rows).view(cond.shape[0], self.pixels, -1).chunk(4, dim=-1)
         x = x + gate1 * self.expand_from_attn(attended).view(x.shape)
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 

@@ -95,15 +95,29 @@ def sample(
         v = denoise(x, t_scaled)
         if v.shape != x.shape:
             raise ValueError(f"denoise returned shape {tuple(v.shape)} for an input of shape {tuple(x.shape)}.")
-        # float64 as in the reference, so x0 matches it to the last bit
-        x0 = (x.double() - t * v.double()).float()
+        x0 = _clean_estimate(x, v, t)
+        del v
         if t_next > 0:
-            eps = torch.randn(shape, dtype=torch.float32, generator=gen).to(x.device)
-            x = (1.0 - t_next) * x0 + t_next * eps
+            # (1 - t_next) x0 + t_next eps, rounded as the reference does, with one whole-image temporary less
+            x = torch.randn(shape, dtype=torch.float32, generator=gen).to(x.device)
+            x.mul_(t_next).add_(x0 * (1.0 - t_next))
         else:
             x = x0
         if callback is not None:
             callback(i, total, x0)
+    return x0
+
+
+UPDATE_ROWS = 256  # image rows per float64 update: whole-image float64 temporaries would be 1.2 GB at 4096 px
+
+
+def _clean_estimate(x: Tensor, v: Tensor, t: float) -> Tensor:
+    """x0 = x - t v, in float64 as the reference computes it (so it matches to the last bit), a band of rows at
+    a time."""
+    x0 = torch.empty_like(x)
+    for top in range(0, x.shape[-2], UPDATE_ROWS):
+        rows = slice(top, top + UPDATE_ROWS)
+        x0[..., rows, :] = (x[..., rows, :].double() - t * v[..., rows, :].double()).float()
     return x0
 
 
