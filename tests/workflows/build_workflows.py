@@ -2,8 +2,9 @@
 
 Each workflow is defined here as an API prompt (node inputs by name), a column layout and a note. The
 builder starts the test ComfyUI (pack and test pack installed, see ``tests/conftest.py``), loads
-every prompt into the frontend it serves with ``app.loadApiJson``, lays the nodes out, adds a MarkdownNote
-that says which files go where and the recommended settings, and saves ``app.graph.serialize()`` (what the
+every prompt into the frontend it serves with ``app.loadApiJson``, sets what an API prompt cannot hold (PiD
+Decode's seed control, "fixed"), lays the nodes out, adds a MarkdownNote that says which files (and, for an
+RAE, which folder of files) go where and the recommended settings, and saves ``app.graph.serialize()`` (what the
 frontend's Save writes) plus a headless-Chromium screenshot of the graph. ComfyUI serves ``workflows/`` to
 its template browser, which shows ``<name>.jpg`` beside ``<name>.json``.
 
@@ -27,6 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, NamedTuple
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]
@@ -41,6 +43,9 @@ PID_FILE = "model_ema_bf16.pth"  # the official file name inside each checkpoint
 GEMMA_FILE = "gemma_2_2b_it_elm_bf16.safetensors"
 GEMMA_URL = f"https://huggingface.co/Comfy-Org/PixelDiT/resolve/main/text_encoders/{GEMMA_FILE}"
 SEED = 42
+# PiD Decode's seed control ("control after generate"; the frontend's default is "randomize"): fixed, so that
+# re-queueing an unchanged graph reuses the decode ComfyUI cached instead of redoing it with a new seed.
+SEED_CONTROL = "fixed"
 
 # Where the stock model files come from (the links of ComfyUI's own templates), by file name.
 DOWNLOADS = {
@@ -74,15 +79,74 @@ LOADER_FOLDERS = {
     "DualCLIPLoader": {"clip_name1": "text_encoders", "clip_name2": "text_encoders"},
     "TripleCLIPLoader": {"clip_name1": "text_encoders", "clip_name2": "text_encoders", "clip_name3": "text_encoders"},
     "VAELoader": {"vae_name": "vae"},
-    f"{PID}LoadDecoder": {"pid_name": "pid", "vae_name": "vae"},
+    f"{PID}LoadDecoder": {"pid_name": "pid", "vae_name": "vae", "rae_name": "pid/rae"},
 }
+FOLDER_INPUTS = {"rae_name"}  # inputs that name a folder (one RAE's files, see RAE_FOLDERS), not a file
 NOT_A_FILE = {"none"}  # Load PiD Decoder's vae_name / rae_name when no VAE or RAE is loaded
+
+
+@dataclass(frozen=True)
+class RAEFolder:
+    """The files of one RAE in ``models/pid/rae/<name>/`` and where each comes from (the README's "Which file goes
+    where"). The pack tells the files apart by their weights; these are the names they are downloaded with."""
+
+    space: str  # the latent space it makes: that of the PiD checkpoint it goes with (dinov2, siglip)
+    encoder_repo: str  # the Hugging Face encoder, whose folder goes in as downloaded (config.json, model.safetensors)
+    decoder: str  # the decoder's file in nvidia/PiD checkpoints/<decoder_dir>/
+    decoder_dir: str
+    decoder_config: str | None = None  # the decoder's JSON, beside it in decoder_dir (Scale-RAE)
+    stats_dir: str | None = None  # DINOv2: the latent statistics STATS in nvidia/PiD checkpoints/<stats_dir>/
+
+    STATS: ClassVar[str] = "stat.pt"
+
+    @property
+    def encoder(self) -> str:
+        return self.encoder_repo.split("/")[1]
+
+    def contents(self) -> list[tuple[str, str]]:
+        """(name inside the folder, its source in Markdown), in the order the note lists them."""
+        encoder = (f"{self.encoder}/",
+                   f"[{self.encoder_repo}](https://huggingface.co/{self.encoder_repo}) (`config.json`, "
+                   "`model.safetensors`: the encoder; keep the folder as downloaded)")  # fmt: skip
+        out = [encoder, (self.decoder, nvidia_pid(self.decoder_dir, "the decoder"))]
+        if self.decoder_config:
+            out.append((self.decoder_config, nvidia_pid(self.decoder_dir, "the decoder's config")))
+        if self.stats_dir:
+            out.append((self.STATS, nvidia_pid(self.stats_dir, "the latent statistics")))
+        return out
+
+
+def nvidia_pid(folder: str, what: str) -> str:
+    return f"[nvidia/PiD]({PID_CHECKPOINTS}{folder}) `checkpoints/{folder}/` ({what})"
+
+
+# The RAE folders the workflows name in rae_name (any folder name works; these are the README's examples).
+RAE_FOLDERS = {
+    "dinov2": RAEFolder("dinov2", "facebook/dinov2-with-registers-base", "model.pt",
+                        "rae/decoders/dinov2/wReg_base/ViTXL_n08_i512",
+                        stats_dir="rae/stats/dinov2/wReg_base/imagenet1k_512"),
+    "siglip": RAEFolder("siglip", "google/siglip2-so400m-patch14-224", "siglip2_sop14_i224_web73M_ganw3_decXL.pt",
+                        "scale_rae/decoder", decoder_config="XL_decoder_config.json"),
+}  # fmt: skip
+
+
+class ModelItem(NamedTuple):
+    """A model file a loader names, or (``is_folder``) a folder of files such as an RAE's."""
+
+    folder: str  # inside ComfyUI/models/
+    name: str
+    is_folder: bool = False
+
+    @property
+    def where(self) -> str:
+        return f"{self.folder}/{self.name}/" if self.is_folder else f"{self.folder}/{self.name}"
 
 # Node widths that show the whole file names (the frontend's defaults cut them).
 WIDTHS = {"UNETLoader": 400, "CheckpointLoaderSimple": 400, "CLIPLoader": 400, "DualCLIPLoader": 340,
           "VAELoader": 340, f"{PID}LoadDecoder": 600, "ConditioningZeroOut": 300, "EmptyLatentImage": 300,
           "EmptySD3LatentImage": 300, "EmptyFlux2LatentImage": 300, "SamplerCustomAdvanced": 300,
-          "KSamplerAdvanced": 340, f"{PID}EncodeImage": 300, "VAEDecode": 260, "ImageStitch": 300}  # fmt: skip
+          "KSamplerAdvanced": 340, f"{PID}EncodeImage": 300, "VAEDecode": 260, "ImageStitch": 300,
+          f"{PID}RAEDecode": 300}  # fmt: skip
 NOTE_WIDTH = 460
 # Colours of ComfyUI's templates for prompt nodes.
 GREEN = ["#232", "#353"]
@@ -115,6 +179,7 @@ class Workflow:
     columns: list[list[str]] = field(default_factory=list)
     sizes: dict = field(default_factory=dict)
     colors: dict = field(default_factory=dict)
+    widgets: dict = field(default_factory=dict)  # node id -> {frontend-only widget: value}, e.g. the seed control
 
     def add(self, class_type: str, title: str | None = None, **inputs) -> Node:
         node_id = str(len(self.prompt) + 1)
@@ -133,28 +198,36 @@ class Workflow:
         self.colors[node.id] = RED if negative else GREEN
         return node
 
-    def files(self) -> list[tuple[str, str]]:
-        """(folder, file) of every model file the loaders name, in graph order."""
+    def files(self) -> list[ModelItem]:
+        """Every model file (and RAE folder) the loaders name, in graph order."""
         found = []
         for node in self.prompt.values():
             for name, folder in LOADER_FOLDERS.get(node["class_type"], {}).items():
                 value = node["inputs"].get(name)
-                if isinstance(value, str) and value not in NOT_A_FILE and (folder, value) not in found:
-                    found.append((folder, value))
+                item = ModelItem(folder, value, name in FOLDER_INPUTS)
+                if isinstance(value, str) and value not in NOT_A_FILE and item not in found:
+                    found.append(item)
         return found
 
     def note(self) -> str:
         lines = [f"## {self.heading}", "", self.summary, "", "**Files** (in `ComfyUI/models/`):", ""]
-        for folder, name in self.files():
-            if folder == "pid":
-                checkpoint = name.split("/")[0]
+        for item in self.files():
+            if item.is_folder:  # an RAE: a folder (any name; chosen in rae_name) with the files listed under it
+                lines.append(f"- `{item.where}`: a folder (any name; pick it in rae_name) holding")
+                lines += [f"  - `{name}`: {source}" for name, source in RAE_FOLDERS[item.name].contents()]
+                continue
+            if item.folder == "pid":
+                checkpoint = item.name.split("/")[0]
                 source = f"[nvidia/PiD]({PID_CHECKPOINTS}{checkpoint}), keep the official folder name"
             else:
-                source = f"[download]({DOWNLOADS[name]})"
-            lines.append(f"- `{folder}/{name}`: {source}")
+                source = f"[download]({DOWNLOADS[item.name]})"
+            lines.append(f"- `{item.where}`: {source}")
         lines += ["", "**Recommended settings**", ""] + [f"- {s}" for s in self.settings]
-        lines += ["", "PiD weights are NVIDIA's, for non-commercial research only (licence on the Hugging Face page); "
-                  "Gemma is under the [Gemma terms](https://ai.google.dev/gemma/terms)."]
+        licence = ("PiD weights are NVIDIA's, for non-commercial research only (licence on the Hugging Face page); "
+                   "Gemma is under the [Gemma terms](https://ai.google.dev/gemma/terms).")
+        if any(item.is_folder for item in self.files()):
+            licence += " The RAE encoders (DINOv2, SigLIP 2) are Apache-2.0; the RAE decoders and statistics NVIDIA's."
+        lines += ["", licence]
         return "\n".join(lines)
 
     def models_metadata(self) -> dict:
@@ -169,9 +242,10 @@ class Workflow:
         return out
 
 
-def pid_loader(w: Workflow, checkpoint_folder: str, vae_name: str = "none") -> Node:
+def pid_loader(w: Workflow, checkpoint_folder: str, vae_name: str = "none", rae_name: str = "none") -> Node:
     return w.add(f"{PID}LoadDecoder", pid_name=pid_checkpoint(checkpoint_folder), latent_space="auto",
-                 weight_dtype="bf16", vae_name=vae_name, rae_name="none")  # fmt: skip
+                 weight_dtype="bf16", vae_name=vae_name, rae_name=rae_name, attention="auto",
+                 compile=False)  # fmt: skip
 
 
 def pid_sampler(w: Workflow, model: Node, positive: Node, negative: Node, latent: Node, *, steps: int, cfg: float,
@@ -191,8 +265,10 @@ def pid_caption(w: Workflow, text: str, title: str) -> tuple[Node, Node]:
 
 
 def pid_decode(w: Workflow, decoder: Node, latent: list, caption: Node) -> Node:
-    return w.add(f"{PID}Decode", pid_decoder=decoder[0], latent=latent, size="native 4x", steps=4, seed=0, sigma=0.0,
+    node = w.add(f"{PID}Decode", pid_decoder=decoder[0], latent=latent, size="native 4x", steps=4, seed=0, sigma=0.0,
                  latent_space="auto", caption=caption[0], tiling="auto", tile_size=0)  # fmt: skip
+    w.widgets[node.id] = {"control_after_generate": SEED_CONTROL}
+    return node
 
 
 def save(w: Workflow, images: list, prefix: str) -> Node:
@@ -490,8 +566,68 @@ def upscale_image() -> Workflow:
     return w
 
 
+# The caption of the DINOv2 workflow: an ImageNet-1k class name, as the reference captions its DINOv2 decodes (its
+# RAE generator is class-conditional); class 917 of its prompts/imagenet_classes.txt fits ComfyUI's example picture.
+IMAGENET_CLASS_CAPTION = "comic book"
+
+
+def rae_upscale(name: str, heading: str, checkpoint_folder: str, rae_name: str, *, encoder_px: int, native_px: int,
+                factor: int, caption: tuple[str, str], caption_note: str) -> Workflow:  # fmt: skip
+    """Load Image -> PiD Encode Image with an RAE -> PiD Decode at 2048 px, and the RAE's own decode beside it."""
+    w = Workflow(
+        name, heading,
+        f"PiD Encode Image centre-crops the picture to a square and encodes it with the RAE chosen in Load PiD Decoder "
+        f"(its encoder sees {encoder_px} px); PiD Decode draws that latent at **2048 px** ({factor}× the RAE's native "
+        f"{native_px} px). PiD RAE Decode decodes the same latent with the RAE's own decoder at {native_px} px, for "
+        "comparison.",
+        [f"pictures of {encoder_px} px or more: the centred square is resized to the encoder's {encoder_px} px",
+         f"PiD Decode: size native 4x (for this latent: {factor}×, 2048 px, what the checkpoint was trained for), "
+         "4 steps, sigma 0 (set by PiD Encode Image)",
+         caption_setting(caption_note)],
+    )  # fmt: skip
+    picture = w.add("LoadImage", image="example.png")
+    decoder = pid_loader(w, checkpoint_folder, rae_name=rae_name)
+    gemma, caption_node = pid_caption(w, *caption)
+    latent = w.add(f"{PID}EncodeImage", pid_decoder=decoder[0], image=picture[0])
+    image = pid_decode(w, decoder, latent[0], caption_node)
+    native = w.add(f"{PID}RAEDecode", f"PiD RAE Decode (native {native_px} px)", pid_decoder=decoder[0],
+                   latent=latent[0])  # fmt: skip
+    out = save(w, image[0], f"{rae_name}_rae_2048")
+    out_native = save(w, native[0], f"{rae_name}_rae_native_{native_px}")
+    w.column(picture, decoder, gemma)
+    w.column(latent, caption_node)
+    w.column(image, native)
+    w.column(out, out_native)
+    w.sizes[picture.id] = [340, 400]
+    w.sizes[out.id] = [420, 460]
+    w.sizes[out_native.id] = [420, 340]
+    return w
+
+
+def upscale_dinov2_rae() -> Workflow:
+    return rae_upscale(
+        "pid_upscale_dinov2_rae_2048px", "Upscale a picture with the DINOv2 RAE to 2048 px",
+        "PiD_res2k_sr4x_official_dinov2_distill_4step", "dinov2", encoder_px=448, native_px=512, factor=4,
+        caption=(IMAGENET_CLASS_CAPTION, "PiD Caption (an ImageNet class name)"),
+        caption_note="the ImageNet-1k class name of what the picture shows, as the reference captions its DINOv2 "
+        "decodes (its RAE generator is class-conditional; `comic book` for ComfyUI's example picture, e.g. "
+        "`golden retriever`, `tabby` or `lakeside` for yours)",
+    )
+
+
+def upscale_siglip_rae() -> Workflow:
+    return rae_upscale(
+        "pid_upscale_siglip_scale_rae_2048px", "Upscale a picture with the SigLIP-2 Scale-RAE (8×) to 2048 px",
+        "PiD_res2k_sr8x_official_siglip_distill_4step", "siglip", encoder_px=224, native_px=256, factor=8,
+        caption=(EXAMPLE_PICTURE_CAPTION, "PiD Caption (describe your picture)"),
+        caption_note="a sentence that says what your picture shows, as the reference captions its SigLIP decodes "
+        "with the prompt the Scale-RAE generated from (the text here describes ComfyUI's example picture: replace it)",
+    )
+
+
 def workflows() -> list[Workflow]:
-    makers = [flux1_dev, flux1_dev_vs_vae, z_image_turbo, sdxl, sd35, flux2_dev, qwen_image, upscale_image]
+    makers = [flux1_dev, flux1_dev_vs_vae, z_image_turbo, sdxl, sd35, flux2_dev, qwen_image, upscale_image,
+              upscale_dinov2_rae, upscale_siglip_rae]  # fmt: skip
     return [make() for make in makers]
 
 
@@ -571,7 +707,7 @@ def load_module(name: str, path: Path):
 def build(frontend: Frontend, workflow: Workflow, out_dir: Path) -> Path:
     answer = frontend.request(
         "build", name=workflow.name, prompt=workflow.prompt, columns=workflow.columns, sizes=workflow.sizes,
-        colors=workflow.colors, models=workflow.models_metadata(),
+        colors=workflow.colors, widgets=workflow.widgets, models=workflow.models_metadata(),
         note={"title": "Read me: files and settings", "text": workflow.note(), "width": NOTE_WIDTH},
         thumbnail=str(out_dir / f"{workflow.name}.jpg"),
     )  # fmt: skip

@@ -9,9 +9,10 @@
 //       each node (type, registered, has_errors, widgets by name), the missing-nodes dialog, page errors,
 //       and the API prompt from the frontend's own app.graphToPrompt()
 //   {"cmd": "build", "prompt": {...}, "columns": [[id, ...], ...], "sizes": {id: [w, h or null]},
-//    "colors": {id: [color, bgcolor]}, "models": {id: [{name, url, directory}]},
+//    "colors": {id: [color, bgcolor]}, "widgets": {id: {name: value}}, "models": {id: [{name, url, directory}]},
 //    "note": {"title", "text", "width"}, "thumbnail": "out.jpg"}
-//       load an API prompt with app.loadApiJson(), lay the nodes out in columns (left to right, stacked
+//       load an API prompt with app.loadApiJson(), set widgets an API prompt cannot hold (such as a seed's
+//       control_after_generate), lay the nodes out in columns (left to right, stacked
 //       top to bottom), record the download links of model files as ComfyUI's templates do
 //       (properties.models), add a MarkdownNote at the far left, screenshot the canvas to a JPEG, and return
 //       app.graph.serialize(): what the frontend saves
@@ -126,6 +127,14 @@ async function build(state, request) {
     }
     for (const [id, [color, bgcolor]] of Object.entries(req.colors || {})) {
       Object.assign(byId(id), { color, bgcolor });
+    }
+    for (const [id, values] of Object.entries(req.widgets || {})) {
+      const node = byId(id);
+      for (const [name, value] of Object.entries(values)) {
+        const widget = (node.widgets || []).find((w) => w.name === name);
+        if (!widget) throw new Error(`node ${id} (${node.type}) has no widget ${name}`);
+        widget.value = value;
+      }
     }
     for (const [id, models] of Object.entries(req.models || {})) byId(id).properties.models = models;
 

@@ -8,9 +8,11 @@ way a user opens it, and converted to a prompt by the frontend's ``app.graphToPr
   widget value that lands on another input, e.g. after an input was inserted, fails);
 - every node, input name, link type and value exists in the server's ``/object_info`` (the pack as it
   is now), and every widget the frontend shows is an input of its node;
-- the note names every file the workflow loads;
+- the note names every file the workflow loads (and, for an RAE folder, every file in it);
 - every PiD Decode gets its caption from PiD Caption on a Gemma-2 Load CLIP, with the text of the prompt
-  the decoded latent was sampled with (or, without a prompt, a description of the picture);
+  the decoded latent was sampled with (or, without a prompt, a description of the picture; for a DINOv2
+  latent an ImageNet class name, as the reference captions those);
+- every PiD Decode's seed control is "fixed", as the frontend shows it and as the file stores it;
 - the converted prompt runs to success on the CPU. Two kinds of change are made for that, and the test
   asserts that nothing else differs from the export:
   * loader nodes whose models cannot be made tiny from a file (UNETLoader, CheckpointLoaderSimple and
@@ -21,8 +23,10 @@ way a user opens it, and converted to a prompt by the frontend's ``app.graphToPr
   * the width and height of the empty-latent node are set to ``TEST_SIZE``: a tiny PiD network still
     takes minutes per picture at the exported 2048/4096 px on a CPU. PiD Decode keeps ``native 4x``, so
     the picture is 4x the latent's size, as exported.
-  PiD checkpoints (tiny networks in the official layout), the VAE (full size, random), the tiny Gemma-2
-  and Load Image's picture are real files, written by ``conftest.py``.
+  The RAE workflows have no empty latent: their latent's size is the RAE's, and they run as exported, at
+  2048 px. PiD checkpoints (tiny networks in the official layout), the RAE folders (tiny encoders, decoders
+  and statistics), the VAE (full size, random), the tiny Gemma-2 and Load Image's picture are real files,
+  written by ``conftest.py``.
 """
 
 from __future__ import annotations
@@ -67,6 +71,9 @@ FAMILY_BY_CLIP_TYPE = {"flux": "flux", "lumina2": "z_image", "flux2": "flux2", "
 GEMMA_STAND_IN = "PiDTestGemmaCLIP"
 EMPTY_LATENTS = {"EmptyLatentImage", "EmptySD3LatentImage", "EmptyFlux2LatentImage"}
 TEST_SIZE = 64  # px of the empty latents in the run (Flux.2's /16 latent is then 4x4)
+# Latents of an RAE: the side of the RAE's own (native) picture, and PiD's native factor on it (README, The nodes).
+RAE_NATIVE_PX = {"dinov2": 512, "siglip": 256}
+PID_NATIVE_FACTOR = {"dinov2": 4, "siglip": 8}  # 4 for every VAE latent
 RUN_TIMEOUT = 900
 
 
@@ -176,16 +183,26 @@ def run_prompt(prompt: dict) -> tuple[dict, set[str], set[str]]:
     return run, replaced, resized
 
 
+def checkpoint_space(loader: dict) -> str:
+    """The latent space of the released checkpoint a Load PiD Decoder loads (named by its official folder)."""
+    from pid_core.config import RELEASED_CHECKPOINTS
+
+    folder = loader["inputs"]["pid_name"].split("/")[0]
+    (released,) = [c for c in RELEASED_CHECKPOINTS if c.experiment == folder]
+    return released.space.value
+
+
 def image_size(prompt: dict, ref: list, picture: tuple[int, int]) -> tuple[int, int]:
     """(width, height) in px of the IMAGE output ``ref`` will have in the run."""
     node = prompt[ref[0]]
     cls, inputs = node["class_type"], node["inputs"]
     if cls == f"{PID}Decode":
         assert inputs["size"] == "native 4x", "the run expects PiD Decode's native size"
+        factor = PID_NATIVE_FACTOR.get(checkpoint_space(prompt[inputs["pid_decoder"][0]]), 4)
         width, height = latent_size(prompt, inputs["latent"], picture)
-        return 4 * width, 4 * height
-    if cls == "VAEDecode":
-        return latent_size(prompt, inputs["samples"], picture)
+        return factor * width, factor * height
+    if cls in ("VAEDecode", f"{PID}RAEDecode"):
+        return latent_size(prompt, inputs["samples" if cls == "VAEDecode" else "latent"], picture)
     if cls == "ImageStitch":
         assert inputs["direction"] in ("left", "right") and inputs["match_image_size"] is True
         w1, h1 = image_size(prompt, inputs["image1"], picture)
@@ -219,8 +236,12 @@ def latent_size(prompt: dict, ref: list, picture: tuple[int, int]) -> tuple[int,
         return latent_size(prompt, inputs["latent_image"], picture)
     if cls == f"{PID}TagLatent":
         return latent_size(prompt, inputs["latent"], picture)
-    if cls == f"{PID}EncodeImage":  # centre crop to multiples of the VAE's 8 px cell
-        width, height = image_size(prompt, inputs["image"], picture)
+    if cls == f"{PID}EncodeImage":
+        loader = prompt[inputs["pid_decoder"][0]]
+        if loader["inputs"]["rae_name"] != "none":  # a square crop, resized to the RAE encoder's input
+            side = RAE_NATIVE_PX[checkpoint_space(loader)]
+            return side, side
+        width, height = image_size(prompt, inputs["image"], picture)  # centre crop to multiples of the 8 px cell
         return width // 8 * 8, height // 8 * 8
     raise AssertionError(f"latent_size() does not know {cls}: add it")
 
@@ -367,6 +388,11 @@ def test_the_checks_catch_a_renamed_node_input_or_value(frontend, object_info, d
     result = frontend.check(shifted)
     assert any(".cfg:" in p for p in definition_problems(result["prompt"], definitions[name].prompt))
 
+    randomized = copy.deepcopy(original)  # PiD Decode's seed control back at the frontend's default
+    values = by_type(randomized, f"{PID}Decode")["widgets_values"]
+    values[values.index("fixed")] = "randomize"
+    assert any("'randomize'" in p for p in seed_control_problems(frontend.check(randomized), randomized))
+
     renamed_input = copy.deepcopy(object_info)  # the pack renames an input
     spec = renamed_input[f"{PID}KSamplerEarlyExit"]["input"]["required"]
     spec["exit_at"] = spec.pop("exit_step")
@@ -382,8 +408,12 @@ def test_note_names_every_file(name, definitions):
     text = notes[0]["widgets_values"][0]
     files = definitions[name].files()
     assert files, "the workflow loads no file?"
-    for folder, file_name in files:
-        assert f"{folder}/{file_name}" in text, f"the note does not say where {file_name} goes ({folder}/)"
+    for item in files:
+        assert f"`{item.where}`" in text, f"the note does not say where {item.name} goes ({item.folder}/)"
+        if item.is_folder:  # an RAE folder: each of its files, under it
+            section = text[text.index(f"`{item.where}`"):].split("\n- ", 1)[0]
+            for file_name, _ in BUILD.RAE_FOLDERS[item.name].contents():
+                assert f"  - `{file_name}`:" in section, f"the note does not list {file_name} in {item.where}"
     assert "Recommended settings" in text
 
 
@@ -410,8 +440,40 @@ def test_pid_decode_gets_a_caption_from_gemma(name, loaded):
         text = sampled_with(prompt, decode["inputs"]["latent"])
         if text is not None:
             assert caption["inputs"]["text"] == text, "PiD Caption's text is not the prompt of the decoded run"
-        else:  # a picture from elsewhere (the upscale workflow): a description of it
+        elif checkpoint_space(prompt[decode["inputs"]["pid_decoder"][0]]) == "dinov2":
+            # the reference captions DINOv2 decodes with an ImageNet class name (a word or two, no sentence)
+            assert re.fullmatch(r"[a-z]+( [a-z]+){0,2}", caption["inputs"]["text"]), caption["inputs"]["text"]
+        else:  # a picture from elsewhere (the upscale workflows): a description of it
             assert len(caption["inputs"]["text"].split()) >= 5, caption["inputs"]["text"]
+
+
+def seed_control_problems(result: dict, workflow: dict) -> list[str]:
+    """PiD Decode nodes whose seed control is not "fixed", as the frontend loaded them or as the file stores it:
+    the frontend saves the control as the widget value right after the seed's."""
+    saved = {n["id"]: n for n in workflow["nodes"]}
+    decodes = [n for n in result["nodes"] if n["type"] == f"{PID}Decode"]
+    if not decodes:
+        return ["the workflow has no PiD Decode"]
+    problems = []
+    for node in decodes:
+        names = [w for w, _ in node["widgets"]]
+        if names[names.index("seed") + 1 : names.index("seed") + 2] != ["control_after_generate"]:
+            problems.append(f"{node['id']}: no control_after_generate after the seed in {names}")
+            continue
+        shown = dict(node["widgets"])["control_after_generate"]
+        stored = saved[node["id"]]["widgets_values"][names.index("control_after_generate")]
+        if (shown, stored) != ("fixed", "fixed"):
+            problems.append(f"{node['id']} PiD Decode: seed control {shown!r} in the frontend, {stored!r} in the file")
+    return problems
+
+
+@workflow_params()
+def test_pid_decode_keeps_its_seed(name, loaded):
+    """Re-queueing an unchanged graph reuses ComfyUI's cached decode instead of redoing it with a new seed."""
+    assert BUILD.SEED_CONTROL == "fixed"
+    workflow = json.loads((BUILD.WORKFLOWS_DIR / f"{name}.json").read_text())
+    problems = seed_control_problems(loaded[name], workflow)
+    assert not problems, "\n".join(problems)
 
 
 @workflow_params()
