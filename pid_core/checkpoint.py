@@ -65,25 +65,30 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+def load_pickle(path: Path, advice: str = ""):
+    """``torch.load`` with ``weights_only`` (plain tensors and containers only), memory-mapped where the file
+    allows; a file with code-carrying objects or a damaged one gives a CheckpointError (``advice`` appended)."""
     try:
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as err:
             if "mmap" not in str(err):  # legacy (non-zip) files cannot be memory-mapped
                 raise
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"{path.name} contains Python objects beyond plain tensors, which could run code when loaded; it was "
-            f"refused for safety (torch.load weights_only: {str(err).splitlines()[0]}). Use the official "
-            "model_ema_bf16.pth or a .safetensors file."
+            f"refused for safety (torch.load weights_only: {str(err).splitlines()[0]}).{advice}"
         ) from None
     except (RuntimeError, EOFError, OSError) as err:
         raise CheckpointError(
             f"{path.name} could not be read ({str(err).splitlines()[0]}); the file is probably truncated or "
             "corrupt: download it again."
         ) from None
+
+
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    data = load_pickle(path, " Use the official model_ema_bf16.pth or a .safetensors file.")
     for wrapper in ("state_dict", "model"):  # training checkpoints nest the weights one level down
         if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
             data = data[wrapper]

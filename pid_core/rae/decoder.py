@@ -18,7 +18,7 @@ from torch import nn
 
 from ..checkpoint import CheckpointError
 from ..layers import CastOps
-from .vit import Blocks, KeyLayout, ViTConfig, checked_activation, count_blocks, default_heads
+from .vit import Blocks, KeyLayout, ViTConfig, vit_config
 
 LAYOUT = KeyLayout(
     blocks="decoder_layers",
@@ -76,15 +76,8 @@ class DecoderConfig:
             raise CheckpointError(
                 f"{name}: {positions} positions and {outputs} outputs per token do not make a square RGB decoder."
             )
-        vit = ViTConfig(
-            width=width,
-            depth=count_blocks(tensors, LAYOUT.blocks),
-            heads=int(config.get("decoder_num_attention_heads", HF_DEFAULTS["decoder_num_attention_heads"]))
-            if config else default_heads(width, name),
-            mlp_hidden=tensors["decoder_layers.0.intermediate.dense.weight"].shape[0],
-            eps=float(config.get("layer_norm_eps", HF_DEFAULTS["layer_norm_eps"])),
-            activation=checked_activation(str(config.get("hidden_act", HF_DEFAULTS["hidden_act"])), name),
-        )
+        vit = vit_config(tensors, config, HF_DEFAULTS, name, width=width, blocks=LAYOUT.blocks,
+                         mlp_key="decoder_layers.0.intermediate.dense.weight", heads_key="decoder_num_attention_heads")
         return cls(vit, in_channels=in_channels, grid=grid, patch=patch)
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..checkpoint import CheckpointError
 from ..layers import CastOps
-from .vit import Blocks, KeyLayout, ViTConfig, checked_activation, count_blocks, default_heads
+from .vit import Blocks, KeyLayout, ViTConfig, vit_config
 
 LAYOUT = KeyLayout(
     blocks="encoder.layer",
@@ -72,16 +72,8 @@ class Dinov2Config:
         pos_grid = math.isqrt(positions)
         if pos_grid * pos_grid != positions:
             raise CheckpointError(f"{name}: {positions} learned positions do not form a square grid.")
-        vit = ViTConfig(
-            width=width,
-            depth=count_blocks(tensors, LAYOUT.blocks),
-            heads=int(hf.get("num_attention_heads", HF_DEFAULTS["num_attention_heads"]))
-            if hf else default_heads(width, name),
-            mlp_hidden=tensors["encoder.layer.0.mlp.fc1.weight"].shape[0],
-            eps=float(hf.get("layer_norm_eps", HF_DEFAULTS["layer_norm_eps"])),
-            activation=checked_activation(str(hf.get("hidden_act", HF_DEFAULTS["hidden_act"])), name),
-            layer_scale=True,
-        )
+        vit = vit_config(tensors, hf, HF_DEFAULTS, name, width=width, blocks=LAYOUT.blocks,
+                         mlp_key="encoder.layer.0.mlp.fc1.weight", layer_scale=True)
         return cls(vit, patch=kernel[-1], registers=tensors["embeddings.register_tokens"].shape[1],
                    pos_grid=pos_grid, in_channels=kernel[1])
 

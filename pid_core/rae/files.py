@@ -15,13 +15,12 @@ Files are recognised by their tensor names, never by their file names.
 from __future__ import annotations
 
 import json
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, load_pickle
 
 DINOV2, SIGLIP, DECODER, STATS = "dinov2 encoder", "siglip encoder", "decoder", "statistics"
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
@@ -92,7 +91,7 @@ def _from_safetensors(path: Path) -> RAEFile:
 
 
 def _from_pickle(path: Path) -> RAEFile:
-    data = _torch_load(path)
+    data = load_pickle(path)
     if isinstance(data, dict) and all(isinstance(data.get(k), torch.Tensor) for k in ("mean", "var")):
         return RAEFile(STATS, path, {"mean": data["mean"], "var": data["var"]})
     for wrapper in ("state_dict", "model", "ema"):  # training checkpoints nest the weights one level down
@@ -108,24 +107,6 @@ def _from_pickle(path: Path) -> RAEFile:
     return RAEFile(kind, path, tensors, config)
 
 
-def _torch_load(path: Path):
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):  # legacy (non-zip) files cannot be memory-mapped
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{path.name} contains Python objects beyond plain tensors, which could run code when loaded; it was "
-            f"refused for safety (torch.load weights_only: {str(err).splitlines()[0]})."
-        ) from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(
-            f"{path.name} could not be read ({str(err).splitlines()[0]}); the file is probably truncated or "
-            "corrupt: download it again."
-        ) from None
 
 
 def _kind(keys: list[str], name: str) -> tuple[str, str]:

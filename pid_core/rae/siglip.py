@@ -18,7 +18,7 @@ from torch import nn
 
 from ..checkpoint import CheckpointError
 from ..layers import CastOps
-from .vit import Blocks, KeyLayout, ViTConfig, checked_activation, count_blocks, default_heads
+from .vit import Blocks, KeyLayout, ViTConfig, vit_config
 
 LAYOUT = KeyLayout(
     blocks="vision_model.encoder.layers",
@@ -77,15 +77,8 @@ class SiglipConfig:
         grid = math.isqrt(positions)
         if grid * grid != positions:
             raise CheckpointError(f"{name}: {positions} learned positions do not form a square grid.")
-        vit = ViTConfig(
-            width=width,
-            depth=count_blocks(tensors, LAYOUT.blocks),
-            heads=int(hf.get("num_attention_heads", HF_DEFAULTS["num_attention_heads"]))
-            if hf else default_heads(width, name),
-            mlp_hidden=tensors["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-            eps=float(hf.get("layer_norm_eps", HF_DEFAULTS["layer_norm_eps"])),
-            activation=checked_activation(str(hf.get("hidden_act", HF_DEFAULTS["hidden_act"])), name),
-        )
+        vit = vit_config(tensors, hf, HF_DEFAULTS, name, width=width, blocks=LAYOUT.blocks,
+                         mlp_key="vision_model.encoder.layers.0.mlp.fc1.weight")
         return cls(vit, patch=kernel[-1], grid=grid, in_channels=kernel[1])
 
 

@@ -63,6 +63,24 @@ def checked_activation(name: str, source: str) -> str:
     return name
 
 
+def vit_config(
+    tensors: dict[str, torch.Tensor], config: dict, defaults: dict, name: str, *, width: int, blocks: str,
+    mlp_key: str, heads_key: str = "num_attention_heads", layer_scale: bool = False,
+) -> ViTConfig:
+    """A block stack's config: sizes from the tensors (``blocks`` is the prefix of the numbered blocks, ``mlp_key``
+    the first MLP layer's weight); heads, epsilon and activation from the JSON ``config`` that came with the file,
+    else ``defaults`` (heads then from :func:`default_heads`)."""
+    return ViTConfig(
+        width=width,
+        depth=count_blocks(tensors, blocks),
+        heads=int(config.get(heads_key, defaults[heads_key])) if config else default_heads(width, name),
+        mlp_hidden=tensors[mlp_key].shape[0],
+        eps=float(config.get("layer_norm_eps", defaults["layer_norm_eps"])),
+        activation=checked_activation(str(config.get("hidden_act", defaults["hidden_act"])), name),
+        layer_scale=layer_scale,
+    )
+
+
 def count_blocks(keys, prefix: str) -> int:
     """Number of numbered blocks ``prefix.N.`` among ``keys``."""
     return len({m.group(1) for k in keys if (m := re.match(re.escape(prefix) + r"\.(\d+)\.", k))})

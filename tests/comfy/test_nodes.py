@@ -619,25 +619,15 @@ def test_encode_image_then_decode_upscales_the_centred_crop(comfy_server, pid_mo
 
 SIGLIP_PID = f"{CKPT_DIR}/PiD_res2k_sr8x_official_siglip_distill_4step/model_ema_bf16.pth"
 SIGLIP_RAE = "pidtest-siglip"  # models/pid/rae/<this>/: the Hugging Face encoder folder and the decoder beside it
-# SigLIP So400m's interface (1152 channels, 224 px in patches of 14: a 16x16 latent) at toy depth and MLP width
-TINY_SIGLIP = dict(hidden_size=1152, intermediate_size=64, num_hidden_layers=1, num_attention_heads=16,
-                   image_size=224, patch_size=14)
-
-
 @pytest.fixture(scope="module")
 def siglip_models(pid_models) -> Path:
     """A tiny SigLIP PiD checkpoint and a tiny SigLIP RAE folder laid out as a user would download them."""
-    from tiny_rae import save_decoder, save_siglip
-
-    from pid_core.rae.decoder import DecoderConfig
-    from pid_core.rae.vit import ViTConfig
+    from tiny_rae import write_rae
 
     folder = pid_models / "rae" / SIGLIP_RAE
     if not (pid_models / SIGLIP_PID).exists():
         save_official(tiny_network("siglip_2k", seed=4), pid_models / SIGLIP_PID)
-        save_siglip(folder / "siglip2-so400m-patch14-224", TINY_SIGLIP)
-        vit = ViTConfig(width=64, depth=1, heads=1, mlp_hidden=64, eps=1e-12, activation="gelu")  # 1 head: 64 wide
-        save_decoder(folder / "decXL.pt", DecoderConfig(vit, in_channels=1152, grid=16, patch=14))
+        write_rae(folder, "siglip", encoder_dir="siglip2-so400m-patch14-224", decoder="decXL.pt", seed=2)
     return folder
 
 

@@ -80,3 +80,43 @@ def save_decoder(path: Path, config: DecoderConfig, seed: int = 3, json_config: 
 def tiny_decoder_config(in_channels: int, width: int = 64, heads: int = 1) -> DecoderConfig:
     vit = ViTConfig(width=width, depth=2, heads=heads, mlp_hidden=2 * width, eps=1e-12, activation="gelu")
     return DecoderConfig(vit, in_channels=in_channels, grid=4, patch=2)
+
+
+# The released RAEs' interfaces (the PiD checkpoints' latent channels, the encoders' input sizes and patches, hence
+# the 32x32 DINOv2 and 16x16 SigLIP latents) at one layer with a small MLP; decoders of one 64-wide head on the
+# released grids (DINOv2 32 cells of 16 px: 512 px; SigLIP 16 cells of 14 px, resized to 256 px).
+RELEASED_INTERFACE = {
+    "dinov2": dict(hidden_size=768, num_hidden_layers=1, num_attention_heads=12, mlp_ratio=1 / 16, image_size=518,
+                   patch_size=14, num_register_tokens=4),
+    "siglip": dict(hidden_size=1152, intermediate_size=64, num_hidden_layers=1, num_attention_heads=16,
+                   image_size=224, patch_size=14),
+}  # fmt: skip
+DECODER_GRID = {"dinov2": dict(grid=32, patch=16), "siglip": dict(grid=16, patch=14)}
+DECODER_VIT = dict(width=64, depth=1, heads=1, mlp_hidden=64, eps=1e-12, activation="gelu")
+
+
+def write_rae(
+    folder: Path, space: str, *, encoder_dir: str, decoder: str, decoder_json: str | None = None,
+    stats: str | None = None, seed: int = 0,
+) -> None:
+    """A tiny RAE of ``space`` with the released interface in ``folder``: the encoder saved by transformers in its
+    Hugging Face folder ``encoder_dir``, the ``decoder`` file (with its ViT-MAE JSON ``decoder_json``, as the
+    Scale-RAE release has one) and DINOv2's ``stats`` file beside it."""
+    save_encoder = {"dinov2": save_dinov2, "siglip": save_siglip}[space]
+    save_encoder(folder / encoder_dir, RELEASED_INTERFACE[space], seed=seed)
+    channels = RELEASED_INTERFACE[space]["hidden_size"]
+    config = DecoderConfig(ViTConfig(**DECODER_VIT), in_channels=channels, **DECODER_GRID[space])
+    save_decoder(folder / decoder, config, seed=seed + 1)
+    if decoder_json:
+        vit = DECODER_VIT
+        (folder / decoder_json).write_text(json.dumps({
+            "decoder_hidden_size": vit["width"], "decoder_num_hidden_layers": vit["depth"],
+            "decoder_num_attention_heads": vit["heads"], "decoder_intermediate_size": vit["mlp_hidden"],
+            "layer_norm_eps": vit["eps"], "hidden_act": vit["activation"],
+            "image_size": config.image_size, "patch_size": config.patch,
+        }))  # fmt: skip
+    if stats:
+        gen = torch.Generator().manual_seed(seed + 2)
+        shape = (channels, config.grid, config.grid)
+        torch.save({"mean": 0.1 * torch.randn(shape, generator=gen), "var": 0.5 + torch.rand(shape, generator=gen)},
+                   folder / stats)  # fmt: skip

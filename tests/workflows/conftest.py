@@ -44,18 +44,6 @@ INPUT_PICTURE_SIZE = (75, 66)
 # The tiny Gemma-2: as wide as the tiny PiD networks' captions (txt_embed_dim 32, tests/core/tiny.py); 3 layers, as
 # ComfyUI's lumina2 CLIP reads the penultimate one; Gemma-2's own head width (256), which ComfyUI's class fixes.
 TINY_GEMMA = dict(vocab_size=600, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2, num_kv_heads=1)
-# The tiny RAEs: the released encoders' interfaces (the PiD checkpoints' latent channels, their input sizes and
-# patches, hence the 32x32 DINOv2 and 16x16 SigLIP latents) at one layer with a small MLP; decoders of one 64-wide
-# head on the released grids (DINOv2 32 cells of 16 px: 512 px; SigLIP 16 cells of 14 px, resized to 256 px).
-TINY_RAE = {
-    "dinov2": dict(hidden_size=768, num_hidden_layers=1, num_attention_heads=12, mlp_ratio=1 / 16, image_size=518,
-                   patch_size=14, num_register_tokens=4),
-    "siglip": dict(hidden_size=1152, intermediate_size=64, num_hidden_layers=1, num_attention_heads=16,
-                   image_size=224, patch_size=14),
-}  # fmt: skip
-TINY_RAE_DECODER = {"dinov2": dict(grid=32, patch=16), "siglip": dict(grid=16, patch=14)}
-TINY_RAE_DECODER_VIT = dict(width=64, depth=1, heads=1, mlp_hidden=64, eps=1e-12, activation="gelu")
-
 
 def shipped_workflows() -> dict[str, dict]:
     """name -> UI-format workflow, for every ``workflows/*.json``."""
@@ -94,35 +82,12 @@ def write_pid_checkpoint(models_dir: Path, pid_name: str) -> None:
 
 
 def write_rae_folder(folder: Path, name: str) -> None:
-    """A tiny RAE in ``folder`` with the files of ``BUILD.RAE_FOLDERS[name]``, named and laid out as the note says:
-    the encoder saved by transformers in its Hugging Face folder, the decoder (with its JSON config where the
-    release has one) and DINOv2's statistics beside it."""
-    import torch
-    from tiny_rae import save_decoder, save_dinov2, save_siglip  # tests/core (on pytest's pythonpath)
-
-    from pid_core.rae.decoder import DecoderConfig
-    from pid_core.rae.vit import ViTConfig
+    """A tiny RAE in ``folder`` with the files of ``BUILD.RAE_FOLDERS[name]``, named and laid out as the note says."""
+    from tiny_rae import write_rae  # tests/core (on pytest's pythonpath)
 
     layout = BUILD.RAE_FOLDERS[name]
-    space = layout.space
-    save_encoder = {"dinov2": save_dinov2, "siglip": save_siglip}[space]
-    save_encoder(folder / layout.encoder, TINY_RAE[space], seed=RAE_SEED)
-    channels = TINY_RAE[space]["hidden_size"]
-    decoder = DecoderConfig(ViTConfig(**TINY_RAE_DECODER_VIT), in_channels=channels, **TINY_RAE_DECODER[space])
-    save_decoder(folder / layout.decoder, decoder, seed=RAE_SEED + 1)
-    if layout.decoder_config:  # the ViT-MAE JSON the release ships beside the decoder: its heads, epsilon, activation
-        vit = TINY_RAE_DECODER_VIT
-        (folder / layout.decoder_config).write_text(json.dumps({
-            "decoder_hidden_size": vit["width"], "decoder_num_hidden_layers": vit["depth"],
-            "decoder_num_attention_heads": vit["heads"], "decoder_intermediate_size": vit["mlp_hidden"],
-            "layer_norm_eps": vit["eps"], "hidden_act": vit["activation"],
-            "image_size": decoder.image_size, "patch_size": decoder.patch,
-        }))  # fmt: skip
-    if layout.stats_dir:
-        gen = torch.Generator().manual_seed(RAE_SEED + 2)
-        shape = (channels, decoder.grid, decoder.grid)
-        torch.save({"mean": 0.1 * torch.randn(shape, generator=gen), "var": 0.5 + torch.rand(shape, generator=gen)},
-                   folder / layout.STATS)  # fmt: skip
+    write_rae(folder, layout.space, encoder_dir=layout.encoder, decoder=layout.decoder,
+              decoder_json=layout.decoder_config, stats=layout.STATS if layout.stats_dir else None, seed=RAE_SEED)
 
 
 def write_tiny_gemma(path: Path) -> None:
