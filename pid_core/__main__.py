@@ -17,8 +17,10 @@ from .captions import CaptionEncoder, empty_caption_embedding
 from .checkpoint import load_checkpoint
 from .config import LatentSpace
 from .download import GEMMA_FILES, TRAININGS, download_gemma, download_pid
+from .runtime import ATTENTION_BACKENDS
 from .sampler import MAX_STEPS, SCHEDULES
 from .tensor_files import read_caption_file, read_latent_file, write_image
+from .tiling import TILING_MODES
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -76,7 +78,8 @@ def _decode(args: argparse.Namespace) -> None:
 
     image = decoder.decode(
         latent, sigma=args.sigma, caption=caption, size=size, steps=args.steps, seed=args.seed,
-        schedule=args.schedule, callback=progress,
+        schedule=args.schedule, callback=progress, tiling=args.tiling, tile_size=args.tile_size,
+        attention=args.attention,
     )
     for path in write_image(image, args.out):
         print(path)
@@ -126,6 +129,10 @@ def parser() -> argparse.ArgumentParser:
         help="timesteps for 5-8 steps: 'spread' (default) interpolates distinct ones, 'reference' repeats some as the "
         "official code does; identical for 1-4 steps",
     )
+    dec.add_argument("--tiling", choices=TILING_MODES, default="auto",
+                     help="auto: tiles only when the whole picture would not fit in free memory; on; off")
+    dec.add_argument("--tile-size", type=int, help="tile side in pixels (multiple of 16); default: the largest that fits")
+    dec.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto", help="attention kernel")
     dec.set_defaults(run=_decode)
 
     dl = commands.add_parser("download", help="download official weights from the Hugging Face hub (HF_TOKEN honoured)")

@@ -158,3 +158,21 @@ def test_latent_of_another_family_than_the_checkpoint_is_refused(flux_checkpoint
     decoder = PiDDecoder.load(flux_checkpoint, precision="fp32")  # a flux checkpoint, by its official folder name
     with pytest.raises(ValueError, match="in the sd3 latent space, but the PiD checkpoint .* is for flux models"):
         decoder.decode(torch.randn(1, 16, 2, 2), space="sd3", caption=torch.zeros(1, 300, 32))
+
+
+def test_tiling_and_attention_options_reach_the_decode(flux_checkpoint, tmp_path, capsys):
+    latent = write_latent(tmp_path / "in.latent", torch.randn(1, 16, 4, 4))
+    outs = {}
+    for name, extra in {"whole": ["--tiling", "off"], "tiled": ["--tiling", "on", "--tile-size", "64"],
+                        "math": ["--tiling", "off", "--attention", "math"]}.items():  # fmt: skip
+        out = tmp_path / f"{name}.safetensors"
+        assert main(["decode", str(flux_checkpoint), str(latent), "--steps", "1", "--precision", "fp32", "--out",
+                     str(out), *extra]) == 0
+        outs[name] = load_file(str(out))["image"]
+    assert outs["tiled"].shape == outs["whole"].shape == (1, 3, 128, 128)
+    assert not torch.equal(outs["tiled"], outs["whole"])  # 64 px tiles of a 128 px picture really tiled
+    torch.testing.assert_close(outs["math"], outs["whole"], rtol=0, atol=1e-4)
+    capsys.readouterr()
+    assert main(["decode", str(flux_checkpoint), str(latent), "--out", str(tmp_path / "x.png"), "--tiling", "on",
+                 "--tile-size", "40"]) == 2
+    assert "multiple of 16" in capsys.readouterr().err
