@@ -8,7 +8,6 @@ import json
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 

@@ -6,7 +6,6 @@ SigLIP; pid_core never imports it.
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
