@@ -1,0 +1,44 @@
+"""What the Comfy Registry and users' ComfyUI installs read from the pack's metadata files."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+RAW_MAIN = re.compile(r"^https://raw\.githubusercontent\.com/[^/]+/[^/]+/main/(?P<path>.+)$")
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _requirements() -> list[str]:
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_requirements_leave_comfyuis_torch_alone():
+    names = [re.split(r"[<>=!~\[ ;]", line, maxsplit=1)[0].lower() for line in _requirements()]
+    assert names, "requirements.txt lists nothing"
+    assert not {"torch", "torchvision", "torchaudio"} & set(names), names
+
+
+def test_registry_icon_is_a_square_picture_in_the_repository():
+    icon_url = _pyproject()["tool"]["comfy"]["Icon"]
+    match = RAW_MAIN.match(icon_url)
+    assert match, f"the Icon should point at a file of the repository's main branch: {icon_url}"
+    icon = ROOT / match["path"]
+    assert icon.is_file(), f"{match['path']} (the registry icon) is missing"
+    with Image.open(icon) as picture:
+        assert picture.width == picture.height >= 100, picture.size
+
+
+def test_licence_file_is_gpl3_as_comfyui():
+    project = _pyproject()["project"]
+    licence = ROOT / project["license"]["file"]
+    assert "GNU GENERAL PUBLIC LICENSE" in licence.read_text()[:200]
+    assert "Version 3" in licence.read_text()[:200]
