@@ -22,6 +22,7 @@ import torch
 
 from .config import NetworkConfig
 from .network import PIXEL_CHUNK_PATCHES, PiDNetwork
+from .sampler import UPDATE_ROWS
 
 GB = 1024**3  # as ComfyUI reports memory: "GB" means 2**30 bytes
 
@@ -173,9 +174,11 @@ def activation_bytes(
     # once per decode, a group of images at a time: the LQ projection's convolutions on the patch grid (GroupNorms
     # in fp32), beside the tokens of the groups done
     phases["lq"] = call_tokens * c.lq_hidden_dim * 4 * a + state + other_lq_tokens
-    # the sampler's update x0 = x - t v: x, v, the previous and the new x0 in fp32 on the whole image (float64
-    # only on bands of rows), then the fresh noise; the floor of a tiled decode (0.8 GB at 4096 px)
-    phases["sampler"] = whole_pixels * 3 * 4 * 4 + lq_tokens
+    # the sampler's update x0 = x - t v: x, v, the previous and the new x0 in fp32 on the whole image, and at most
+    # three float64 temporaries on a band of rows; then the fresh noise. The floor of a tiled decode (0.8 GB at
+    # 4096 px)
+    bands = batch * 3 * min(UPDATE_ROWS, height) * width * 8 * 3
+    phases["sampler"] = whole_pixels * 3 * 4 * 4 + bands + lq_tokens
     return phases
 
 

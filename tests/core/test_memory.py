@@ -17,6 +17,7 @@ from tiny import tiny_config, tiny_network
 from pid_core.config import released
 from pid_core.memory import activation_bytes, available_memory, estimate, weight_bytes, working_bytes
 from pid_core.network import PiDNetwork, PixelBlock, row_chunks
+from pid_core.sampler import sample
 from pid_core.tiling import choose_plan
 
 FLUX_2K = released("flux_2k").network
@@ -68,6 +69,22 @@ def test_the_plan_follows_the_budget():
 def test_available_memory_on_this_machine():
     free = available_memory("cpu")
     assert free is None or free > 0
+
+
+def test_the_sampler_phase_is_the_traced_peak_of_the_sampler():
+    """Live tensor bytes of a real sampler run (the denoiser returns a fresh tensor, as the network does) against
+    the sampler phase of the estimate, less the LQ tokens it also counts."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from memtrace import LiveBytes
+
+    c = tiny_config("flux_2k")
+    batch, height, width = 2, 640, 384  # more rows than one float64 band
+    tracker = LiveBytes([])
+    with tracker:
+        sample(lambda x, t: torch.full_like(x, 0.5), (batch, 3, height, width), seed=0, steps=4)
+    lq_tokens = batch * height * width // c.patch_size**2 * c.lq_hidden_dim * 2
+    expected = activation_bytes(c, height, width, batch=batch)["sampler"] - lq_tokens
+    assert tracker.peak == pytest.approx(expected, rel=0.01)
 
 
 @pytest.mark.parametrize("n, chunk", [(40, 16), (48, 16), (33, 16), (100, 30), (17, 16), (4096 + 3, 4096)])
