@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import VARIANT, measure_in_subprocess, psnr, seam_score
+from common import VARIANT, measure_in_subprocess, psnr, reference_estimate, seam_score
 
 GIB = 1024**3
 
@@ -96,6 +96,17 @@ def agreement(size: int, weights: str | None, workdir: Path) -> dict:
     }
 
 
+def print_comparison(compare: list[dict]) -> None:
+    print(f"{'size':>6} {'runs':>4} {'ours s':>8} {'ref s':>8} {'time':>6} {'cpu time':>8} {'ours GiB':>9} {'ref GiB':>8}"
+          f" {'memory':>7} {'est. ours':>9} {'est. ref':>8}")
+    for r in compare:
+        s, c, m, e = r["seconds"], r["cpu_seconds"], r["peak_bytes"], r["estimate_bytes"]
+        print(f"{r['size']:6d} {r['repeats']:4d} {s['ours']:8.1f} {s['reference']:8.1f} {s['ours'] / s['reference']:6.2f}"
+              f" {c['ours'] / c['reference']:8.2f} {m['ours'] / GIB:9.2f} {m['reference'] / GIB:8.2f}"
+              f" {m['ours'] / m['reference']:7.2f} {e['ours'] / GIB:9.2f} {e['reference'] / GIB:8.2f}")
+    print("time, cpu time, memory: ours / reference-style (below 1: ours is faster / leaner)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--long", action="store_true", help="add 2048 px (both setups) and 4096 px tiled (ours)")
@@ -125,20 +136,15 @@ def main() -> None:
             print(f"tiled vs whole at {agreement_size} px:")
             results["agreement"] = agreement(agreement_size, args.weights, Path(tmp))
     if args.long or args.tiled_4096:
-        print(f"4096 px, tiled, {args.steps_4096} step(s) (ours only; the reference-style run would need ~11 GiB of "
-              "working memory beside its 7.6 GiB of weights and bf16 copies, by our estimate):")
+        need = reference_estimate(4096)
+        print(f"4096 px, tiled, {args.steps_4096} step(s) (ours only; the reference-style run would need about "
+              f"{need / GIB:.0f} GiB, by our estimate):")
         results["tiled_4096"] = run(4096, "ours", args.weights, tiling="on", steps=args.steps_4096)
     results["load_end"] = load()
 
     print(f"\nResults ({label}); machine: {results['machine']}")
-    print(f"{'size':>6} {'runs':>4} {'ours s':>8} {'ref s':>8} {'time':>6} {'cpu time':>8} {'ours GiB':>9} {'ref GiB':>8}"
-          f" {'memory':>7} {'est. ours':>9} {'est. ref':>8}")
-    for r in results["compare"]:
-        s, c, m, e = r["seconds"], r["cpu_seconds"], r["peak_bytes"], r["estimate_bytes"]
-        print(f"{r['size']:6d} {r['repeats']:4d} {s['ours']:8.1f} {s['reference']:8.1f} {s['ours'] / s['reference']:6.2f}"
-              f" {c['ours'] / c['reference']:8.2f} {m['ours'] / GIB:9.2f} {m['reference'] / GIB:8.2f}"
-              f" {m['ours'] / m['reference']:7.2f} {e['ours'] / GIB:9.2f} {e['reference'] / GIB:8.2f}")
-    print("time, cpu time, memory: ours / reference-style (below 1: ours is faster / leaner)")
+    if results["compare"]:
+        print_comparison(results["compare"])
     if a := results.get("agreement"):
         print(f"tiled vs whole at {a['size']} px ({a['tiles']}): PSNR {a['psnr_db']:.1f} dB; seam score tiled "
               f"{a['seam_tiled']:.3f}, whole at the same lines {a['seam_whole']:.3f}")
