@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = lambda message, *_a, **_k: print(f"warning: {message}", file=sys.stderr)
     try:
         args.run(args)
-    except (ValueError, OSError) as err:  # CheckpointError is a ValueError; every message is one sentence
+    except (ValueError, OSError, torch.OutOfMemoryError) as err:  # CheckpointError is a ValueError; each is one sentence
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

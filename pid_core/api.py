@@ -121,14 +121,18 @@ class DecodePlan:
         groups = -(-self.batch // self.items_per_call)
         return groups * (1 if self.tiles is None else -(-self.tiles.count // self.tiles.tile_batch))
 
-    def describe(self) -> str:
+    def how(self) -> str:
+        """Whole or in which tiles, and how many images at a time."""
         how = "whole" if self.tiles is None else f"in {self.tiles.describe()}"
         if self.items_per_call < self.batch:
             how += f", {self.items_per_call} of the {self.batch} images at a time"
+        return how
+
+    def describe(self) -> str:
         m = self.memory
         free = "" if self.budget is None else f"; {self.budget / GB:.1f} GB of working memory available"
         return (
-            f"{self.width}x{self.height} px {how}: about {m.total / GB:.1f} GB ({m.weights / GB:.1f} GB weights + "
+            f"{self.width}x{self.height} px {self.how()}: about {m.total / GB:.1f} GB ({m.weights / GB:.1f} GB weights + "
             f"{m.activations / GB:.1f} GB working memory){free}"
         )
 
@@ -177,6 +181,78 @@ def plan_decode(
     return DecodePlan(height, width, batch, per_call, tiles, memory, budget)
 
 
+class _NetworkPasses:
+    """The network calls of a sampler step under a decode plan (groups of images, whole or in tiles), and the switch
+    to a smaller plan when a call runs out of memory."""
+
+    def __init__(self, network: PiDNetwork, z: torch.Tensor, caption: torch.Tensor, sigma: torch.Tensor,
+                 run: Fallback, plan: DecodePlan) -> None:
+        self.network, self.z, self.caption, self.sigma, self.run = network, z, caption, sigma, run
+        self.grid = (plan.height // network.config.patch_size, plan.width // network.config.patch_size)
+        self.plan: DecodePlan | None = None
+        self.use(plan)
+
+    def use(self, plan: DecodePlan) -> None:
+        if self.plan is None or plan.items_per_call != self.plan.items_per_call:
+            self.groups = [slice(i, i + plan.items_per_call) for i in range(0, plan.batch, plan.items_per_call)]
+            self.lq_tokens = None  # free the old ones first
+            with torch.inference_mode(), autocast(self.run.device, self.run.dtype):
+                # once per decode, as they depend on the latent only; kept per group as the network made them (a
+                # copy into one tensor would change their memory layout, and with it the bf16 rounding of the
+                # matrix kernels)
+                self.lq_tokens = [self.network.project_latent(self.z[g], self.grid) for g in self.groups]
+        self.plan = plan
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, on_call: Callable[[int, int], None]) -> torch.Tensor:
+        """The network's velocity for the whole batch; ``on_call(done, total)`` after each network call."""
+        plan, calls_done = self.plan, 0
+
+        def called(*_) -> None:
+            nonlocal calls_done
+            calls_done += 1
+            on_call(calls_done, plan.calls_per_step)
+
+        def forward(g: slice, lq: torch.Tensor) -> torch.Tensor:
+            y, sig = self.caption[g], self.sigma[g]
+            if plan.tiles is not None:
+                return self.run(lambda: tiled_forward(self.network, x[g], t[g], y, sig, lq, plan.tiles, called))
+            v = self.run(lambda: self.network(x[g], t[g], y, None, sig, lq_tokens=lq).float())
+            called()
+            return v
+
+        if len(self.groups) == 1:
+            return forward(self.groups[0], self.lq_tokens[0])
+        v = torch.empty_like(x)
+        for g, lq in zip(self.groups, self.lq_tokens):
+            v[g] = forward(g, lq)
+        return v
+
+    def shrink(self, tiling: str, device: torch.device, dtype: torch.dtype) -> None:
+        """After a call ran out of memory: plan for half the working memory (fewer images per call, then smaller
+        tiles; "off" never tiles), or raise a clear error when no smaller plan is left."""
+        failed = self.plan
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        smaller = plan_decode(
+            self.network, failed.height, failed.width, batch=failed.batch, tiling="off" if tiling == "off" else "auto",
+            memory_budget=failed.memory.activations // 2, device=device, compute_dtype=dtype,
+        )
+        if smaller.memory.activations >= failed.memory.activations:
+            hint = ", or let PiD Decode tile (tiling auto)" if tiling == "off" else ""
+            raise torch.OutOfMemoryError(
+                f"PiD ran out of memory decoding {failed.width}x{failed.height} px {failed.how()} (about "
+                f"{failed.memory.activations / GB:.1f} GB of working memory), and there is no smaller way to decode it: "
+                f"free memory (unload other models, close other programs) or choose a smaller output size{hint}."
+            )
+        message = (
+            f"PiD ran out of memory decoding {failed.width}x{failed.height} px {failed.how()}; going on {smaller.how()} "
+            f"(about {smaller.memory.activations / GB:.1f} GB of working memory)."
+        )
+        log.warning(message)
+        warnings.warn(message, stacklevel=4)
+        self.use(smaller)
+
+
 def decode(
     network: PiDNetwork,
     latent: torch.Tensor,
@@ -208,7 +284,8 @@ def decode(
     lets the latent space and training range be checked; ``callback(step, total, x0)`` reports progress and
     may raise to cancel. ``tiling``, ``tile_size`` and ``memory_budget`` choose whole or tiled decoding (see
     :func:`plan_decode`); ``call_callback(step, done, total)`` runs after each network call, one per group of
-    images or of tiles (it may raise to cancel).
+    images or of tiles (it may raise to cancel). A call that runs out of memory is redone with a plan for half
+    the memory (fewer images per call, then smaller tiles), with a warning; the decode goes on with that plan.
     """
     space = _resolve_space(space, info)
     z = to_network_latent(latent, space, sigma, flux2_bn)
@@ -226,7 +303,6 @@ def decode(
     param = next(network.parameters())
     device = torch.device(device) if device is not None else param.device
     dtype = compute_dtype or default_compute_dtype(device, param.dtype)
-    run = Fallback(device, dtype, attention)
     plan = plan_decode(network, height, width, batch=batch, tiling=tiling, tile_size=tile_size,
                        memory_budget=memory_budget, device=device, compute_dtype=dtype)
     log.info("PiD decode: %s", plan.describe())
@@ -238,39 +314,23 @@ def decode(
         )
     sig = sigma_tensor(sigma, batch).to(device)  # warns once for a sigma beyond the trained range
     y = _caption_tensor(caption, batch, network).to(device)
-    z = z.to(device)
-    grid = (height // config.patch_size, width // config.patch_size)
-    groups = [slice(i, i + plan.items_per_call) for i in range(0, batch, plan.items_per_call)]
-    with torch.inference_mode(), autocast(device, dtype):
-        # once per decode, as they depend on the latent only; kept per group as the network made them (a copy
-        # into one tensor would change their memory layout, and with it the bf16 rounding of the matrix kernels)
-        lq_tokens = [network.project_latent(z[g], grid) for g in groups]
+    passes = _NetworkPasses(network, z.to(device), y, sig, Fallback(device, dtype, attention), plan)
     steps_done = 0
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         nonlocal steps_done
         step, steps_done = steps_done, steps_done + 1
-        calls_done = 0
 
-        def called(*_) -> None:
-            nonlocal calls_done
-            calls_done += 1
+        def on_call(done: int, total: int) -> None:
             if call_callback is not None:
-                call_callback(step, calls_done, plan.calls_per_step)
+                call_callback(step, done, total)
 
-        def forward(g: slice, lq: torch.Tensor) -> torch.Tensor:
-            if plan.tiles is not None:
-                return run(lambda: tiled_forward(network, x[g], t[g], y[g], sig[g], lq, plan.tiles, called))
-            v = run(lambda: network(x[g], t[g], y[g], None, sig[g], lq_tokens=lq).float())
-            called()
-            return v
-
-        if len(groups) == 1:
-            return forward(groups[0], lq_tokens[0])
-        v = torch.empty_like(x)
-        for g, lq in zip(groups, lq_tokens):
-            v[g] = forward(g, lq)
-        return v
+        while True:
+            try:
+                return passes.velocity(x, t, on_call)
+            except torch.OutOfMemoryError:
+                pass  # leave the handler before retrying: that frees what the failed call held
+            passes.shrink(tiling, device, dtype)
 
     x0 = sample(denoise, (batch, 3, height, width), seed=seed, steps=steps, schedule=schedule, device=device, callback=callback)
     return x0.clamp(-1.0, 1.0).cpu()

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from pid_core import PiDDecoder
 from pid_core.__main__ import main
+from pid_core.network import PiDNetwork
 from tiny import tiny_network
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
@@ -176,3 +177,14 @@ def test_tiling_and_attention_options_reach_the_decode(flux_checkpoint, tmp_path
     assert main(["decode", str(flux_checkpoint), str(latent), "--out", str(tmp_path / "x.png"), "--tiling", "on",
                  "--tile-size", "40"]) == 2
     assert "multiple of 16" in capsys.readouterr().err
+
+
+def test_running_out_of_memory_is_one_clear_sentence(flux_checkpoint, tmp_path, capsys, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(PiDNetwork, "forward", out_of_memory)
+    latent = write_latent(tmp_path / "z.latent", torch.randn(1, 16, 8, 8))
+    assert main(["decode", str(flux_checkpoint), str(latent), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: PiD ran out of memory") and "free memory" in err[-1], err

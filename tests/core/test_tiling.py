@@ -7,6 +7,8 @@ slice of those, runs the network's blocks, and the tiles are blended with the pl
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -271,3 +273,59 @@ def test_a_batch_that_does_not_fit_goes_through_the_network_a_few_images_at_a_ti
     torch.testing.assert_close(one_at_a_time, whole, rtol=0, atol=1e-4)
     alone = decode(net, latent[1:2], memory_budget=10**12, **{**kwargs, "sigma": 0.2, "caption": caption[1:2]})
     assert not torch.allclose(alone, whole[1:2], atol=1e-3)  # the noise is drawn for the batch: item 1's differs
+
+
+def run_out_of_memory_above(net: PiDNetwork, pixels: int) -> list[tuple[int, ...]]:
+    """Make ``net`` raise torch.OutOfMemoryError on calls with more than ``pixels`` input pixels (over the batch), as
+    a GPU would; returns the input shapes of the calls that ran."""
+    forward, shapes = net.forward, []
+
+    def limited(x, *args, **kwargs):
+        if x[:, 0].numel() > pixels:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        shapes.append(tuple(x.shape))
+        return forward(x, *args, **kwargs)
+
+    net.forward = limited
+    return shapes
+
+
+def test_a_decode_that_runs_out_of_memory_goes_on_in_tiles():
+    latent = torch.randn(1, 16, 12, 12, generator=torch.Generator().manual_seed(6))
+    kwargs = dict(space="flux", caption=torch.zeros(1, 300, 32), steps=2, seed=7)
+    net = tiny_network("flux_2k")
+    shapes = run_out_of_memory_above(net, 256 * 256)
+    assert plan_decode(net, 384, 384, memory_budget=10**12).tiles is None  # planned whole
+    with pytest.warns(UserWarning, match="ran out of memory decoding 384x384 px whole; going on in"):
+        image = decode(net, latent, memory_budget=10**12, **kwargs)
+    tile = shapes[0][-1]
+    assert tile < 384 and all(s[0] * s[-2] * s[-1] <= 256 * 256 for s in shapes)
+    tiled = decode(tiny_network("flux_2k"), latent, memory_budget=10**12, tiling="on", tile_size=tile, **kwargs)
+    # the tiled decode from the first step on (its tiles may go through the network in other groups, which fp32
+    # kernels may round differently: hence not bit for bit)
+    torch.testing.assert_close(image, tiled, rtol=0, atol=1e-4)
+
+
+def test_a_batch_that_runs_out_of_memory_goes_on_fewer_images_at_a_time():
+    latent = torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(3))
+    kwargs = dict(space="flux", sigma=[0.0, 0.2, 0.4], caption=torch.zeros(1, 300, 32), steps=2, seed=5)
+    net = tiny_network("flux_2k")
+    shapes = run_out_of_memory_above(net, 256 * 256)
+    with pytest.warns(UserWarning, match="ran out of memory"):
+        image = decode(net, latent, memory_budget=10**12, **kwargs)
+    assert shapes and all(s == (1, 3, 256, 256) for s in shapes)  # one whole image per call
+    whole = decode(tiny_network("flux_2k"), latent, memory_budget=10**12, **kwargs)
+    torch.testing.assert_close(image, whole, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("tiling, hint", [("auto", "smaller output size."), ("off", "let PiD Decode tile")])
+def test_running_out_of_memory_with_no_smaller_plan_left_is_a_clear_error(tiling, hint):
+    net = tiny_network("flux_2k")
+    run_out_of_memory_above(net, 0)
+    latent = torch.randn(1, 16, 12, 12)
+    with pytest.raises(torch.OutOfMemoryError, match="no smaller way to decode it: free memory") as error:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            decode(net, latent, space="flux", caption=torch.zeros(1, 300, 32), steps=1, tiling=tiling,
+                   memory_budget=10**12)
+    assert hint in str(error.value)
