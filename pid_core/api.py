@@ -186,8 +186,9 @@ class _NetworkPasses:
     to a smaller plan when a call runs out of memory."""
 
     def __init__(self, network: PiDNetwork, z: torch.Tensor, caption: torch.Tensor, sigma: torch.Tensor,
-                 run: Fallback, plan: DecodePlan) -> None:
+                 run: Fallback, plan: DecodePlan, tiling: str) -> None:
         self.network, self.z, self.caption, self.sigma, self.run = network, z, caption, sigma, run
+        self.tiling = tiling
         self.grid = (plan.height // network.config.patch_size, plan.width // network.config.patch_size)
         self.plan: DecodePlan | None = None
         self.use(plan)
@@ -227,18 +228,19 @@ class _NetworkPasses:
             v[g] = forward(g, lq)
         return v
 
-    def shrink(self, tiling: str, device: torch.device, dtype: torch.dtype) -> None:
+    def shrink(self) -> None:
         """After a call ran out of memory: plan for half the working memory (fewer images per call, then smaller
         tiles; "off" never tiles), or raise a clear error when no smaller plan is left."""
-        failed = self.plan
+        failed, device = self.plan, self.run.device
         if device.type == "cuda":
             torch.cuda.empty_cache()
         smaller = plan_decode(
-            self.network, failed.height, failed.width, batch=failed.batch, tiling="off" if tiling == "off" else "auto",
-            memory_budget=failed.memory.activations // 2, device=device, compute_dtype=dtype,
+            self.network, failed.height, failed.width, batch=failed.batch,
+            tiling="off" if self.tiling == "off" else "auto", memory_budget=failed.memory.activations // 2,
+            device=device, compute_dtype=self.run.dtype,
         )
         if smaller.memory.activations >= failed.memory.activations:
-            hint = ", or let PiD Decode tile (tiling auto)" if tiling == "off" else ""
+            hint = ", or allow tiling (tiling auto)" if self.tiling == "off" else ""
             raise torch.OutOfMemoryError(
                 f"PiD ran out of memory decoding {failed.width}x{failed.height} px {failed.how()} (about "
                 f"{failed.memory.activations / GB:.1f} GB of working memory), and there is no smaller way to decode it: "
@@ -248,7 +250,6 @@ class _NetworkPasses:
             f"PiD ran out of memory decoding {failed.width}x{failed.height} px {failed.how()}; going on {smaller.how()} "
             f"(about {smaller.memory.activations / GB:.1f} GB of working memory)."
         )
-        log.warning(message)
         warnings.warn(message, stacklevel=4)
         self.use(smaller)
 
@@ -314,7 +315,7 @@ def decode(
         )
     sig = sigma_tensor(sigma, batch).to(device)  # warns once for a sigma beyond the trained range
     y = _caption_tensor(caption, batch, network).to(device)
-    passes = _NetworkPasses(network, z.to(device), y, sig, Fallback(device, dtype, attention), plan)
+    passes = _NetworkPasses(network, z.to(device), y, sig, Fallback(device, dtype, attention), plan, tiling)
     steps_done = 0
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -330,7 +331,7 @@ def decode(
                 return passes.velocity(x, t, on_call)
             except torch.OutOfMemoryError:
                 pass  # leave the handler before retrying: that frees what the failed call held
-            passes.shrink(tiling, device, dtype)
+            passes.shrink()
 
     x0 = sample(denoise, (batch, 3, height, width), seed=seed, steps=steps, schedule=schedule, device=device, callback=callback)
     return x0.clamp(-1.0, 1.0).cpu()

@@ -318,7 +318,7 @@ def test_a_batch_that_runs_out_of_memory_goes_on_fewer_images_at_a_time():
     torch.testing.assert_close(image, whole, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("tiling, hint", [("auto", "smaller output size."), ("off", "let PiD Decode tile")])
+@pytest.mark.parametrize("tiling, hint", [("auto", "smaller output size."), ("off", "allow tiling (tiling auto)")])
 def test_running_out_of_memory_with_no_smaller_plan_left_is_a_clear_error(tiling, hint):
     net = tiny_network("flux_2k")
     run_out_of_memory_above(net, 0)
