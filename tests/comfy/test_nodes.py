@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from tiny import tiny_network
+from tiny import run_out_of_memory_above, tiny_network
 
 from pid_core.api import PiDDecoder
 from pid_core.tensor_files import read_latent_file
@@ -537,6 +537,36 @@ def test_node_decode_equals_pid_core_decode(comfy_server, pid_models, weight_dty
     with pytest.warns(UserWarning):  # no caption, and a size outside the 2k training range
         reference = decoder.decode(latent, sigma=float(values["value"]), size="native", steps=4, seed=5)
     assert torch.equal(values["image"], ((reference + 1) * 0.5).permute(0, 2, 3, 1))
+
+
+def test_node_goes_on_with_fewer_images_per_call_when_it_runs_out_of_memory(comfy_server, pid_models):
+    """A batch of 3 whose network calls may hold one picture: the decode goes on a picture at a time, with a console
+    warning, and gives what pid_core gives under the same limit; with no room at all, a clear error."""
+    g = Graph()
+    sampler = Diffusion(g, "flux", batch=3)
+    early = sampler.pid_ksampler(EXIT_STEP)
+    file_node = g.node("SaveLatent", samples=out(early), filename_prefix="pidtest/e-oom")
+    pixels = 4 * WIDTH * 4 * HEIGHT  # one 128x192 px picture
+    limited = g.node("PiDTestOutOfMemoryDecoder", pid_decoder=out(loader(g, weight_dtype="fp32")), pixels=pixels)
+    save_values(g, "e-oom", image=out(decode(g, limited, out(early), seed=3)), value=out(early, 1))
+    entry = comfy_server.run(g)
+
+    values, _ = record(comfy_server, "e-oom")
+    assert "PiD Decode: PiD ran out of memory decoding 128x192 px whole; going on whole" in comfy_server.log()
+    latent = read_latent_file(saved_latent_path(comfy_server, entry, file_node))
+    decoder = PiDDecoder.load(pid_models / FLUX_PID, precision="fp32")
+    run_out_of_memory_above(decoder.network, pixels)
+    with pytest.warns(UserWarning, match="images at a time"):
+        reference = decoder.decode(latent, sigma=float(values["value"]), size="native", steps=4, seed=3)
+    assert torch.equal(values["image"], ((reference + 1) * 0.5).permute(0, 2, 3, 1))
+
+    g = Graph()
+    sampler = Diffusion(g, "flux")
+    no_room = g.node("PiDTestOutOfMemoryDecoder", pid_decoder=out(loader(g)), pixels=0)
+    save_values(g, "e-no-room", image=out(decode(g, no_room, out(sampler.latent), seed=4)))
+    fails_with(comfy_server, g, "PixelDecoderPiD_Decode", "ran out of memory", "no smaller way to decode it",
+               "free memory")
+    assert_healthy(comfy_server)
 
 
 def test_attention_kernel_chosen_in_the_loader_reaches_the_decode(comfy_server, pid_models):

@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import tiny_network
+from tiny import run_out_of_memory_above, tiny_network
 
 from pid_core.api import decode, plan_decode
 from pid_core.layers import rope_1d, rope_2d, sincos_1d
@@ -273,21 +273,6 @@ def test_a_batch_that_does_not_fit_goes_through_the_network_a_few_images_at_a_ti
     torch.testing.assert_close(one_at_a_time, whole, rtol=0, atol=1e-4)
     alone = decode(net, latent[1:2], memory_budget=10**12, **{**kwargs, "sigma": 0.2, "caption": caption[1:2]})
     assert not torch.allclose(alone, whole[1:2], atol=1e-3)  # the noise is drawn for the batch: item 1's differs
-
-
-def run_out_of_memory_above(net: PiDNetwork, pixels: int) -> list[tuple[int, ...]]:
-    """Make ``net`` raise torch.OutOfMemoryError on calls with more than ``pixels`` input pixels (over the batch), as
-    a GPU would; returns the input shapes of the calls that ran."""
-    forward, shapes = net.forward, []
-
-    def limited(x, *args, **kwargs):
-        if x[:, 0].numel() > pixels:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        shapes.append(tuple(x.shape))
-        return forward(x, *args, **kwargs)
-
-    net.forward = limited
-    return shapes
 
 
 def test_a_decode_that_runs_out_of_memory_goes_on_in_tiles():

@@ -48,3 +48,18 @@ def randomize_(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def tiny_network(name: str, seed: int = 0) -> PiDNetwork:
     return randomize_(PiDNetwork(tiny_config(name)), seed).eval()
+
+
+def run_out_of_memory_above(net: PiDNetwork, pixels: int) -> list[tuple[int, ...]]:
+    """Make ``net`` raise torch.OutOfMemoryError on calls with more than ``pixels`` input pixels (over the batch), as
+    a GPU would; returns the input shapes of the calls that ran."""
+    forward, shapes = net.forward, []
+
+    def limited(x, *args, **kwargs):
+        if x[:, 0].numel() > pixels:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        shapes.append(tuple(x.shape))
+        return forward(x, *args, **kwargs)
+
+    net.forward = limited
+    return shapes

@@ -2,8 +2,9 @@
 
 * ``PiDTestRecordModel``: a clone of a MODEL whose every network call records the sampler's state ``x``
   (the sampler's own space, before ``calculate_input``) and its sigma.
-* ``PiDTestRecordDecoder`` / ``PiDTestSlowDecoder``: a PID_DECODER whose network records its inputs
-  (the latent ``z`` and ``sigma`` PiD's network receives) or sleeps before every call.
+* ``PiDTestRecordDecoder`` / ``PiDTestSlowDecoder`` / ``PiDTestOutOfMemoryDecoder``: a PID_DECODER whose
+  network records its inputs (the latent ``z`` and ``sigma`` PiD's network receives), sleeps before every call,
+  or runs out of memory (torch.OutOfMemoryError, as a GPU would) on calls with more than so many pixels.
 * ``PiDTestSave``: writes IMAGE / LATENT / SIGMAS / FLOAT values as float tensors (no 8-bit rounding).
 * ``PiDTestTagLatent``: tags a LATENT with one PiD sigma per item, through the pack's own metadata module.
 * ``PiDTestRandomVAE``: writes a seeded random VAE file (full-size Flux KL-VAE or TAESD) into models/vae; every
@@ -216,6 +217,31 @@ class PiDTestSlowDecoder(io.ComfyNode):
         return io.NodeOutput(probed_decoder(pid_decoder, probe))
 
 
+class PiDTestOutOfMemoryDecoder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PiDTestOutOfMemoryDecoder",
+            display_name="PiD Test: Out-of-Memory Decoder",
+            category=CATEGORY,
+            description="The PiD decoder, raising torch.OutOfMemoryError on network calls with more than `pixels` "
+            "input pixels (over the batch). For tests only.",
+            inputs=[
+                PiDDecoderType.Input("pid_decoder"),
+                io.Int.Input("pixels", default=0, min=0, max=2**31, tooltip="The most pixels a call may have."),
+            ],
+            outputs=[PiDDecoderType.Output()],
+        )
+
+    @classmethod
+    def execute(cls, pid_decoder, pixels: int) -> io.NodeOutput:
+        def probe(kind, x=None, **_):
+            if kind == "call" and x[:, 0].numel() > pixels:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        return io.NodeOutput(probed_decoder(pid_decoder, probe))
+
+
 # --------------------------------------------------------------------------- values out, metadata in
 
 
@@ -360,5 +386,6 @@ def link_or_copy(source: str, destination: str) -> None:
 
 
 PROBE_NODES = [
-    PiDTestRecordModel, PiDTestRecordDecoder, PiDTestSlowDecoder, PiDTestSave, PiDTestTagLatent, PiDTestRandomVAE,
+    PiDTestRecordModel, PiDTestRecordDecoder, PiDTestSlowDecoder, PiDTestOutOfMemoryDecoder, PiDTestSave,
+    PiDTestTagLatent, PiDTestRandomVAE,
 ]  # fmt: skip
