@@ -13,7 +13,7 @@ from PIL import Image
 import comfy.model_management as mm
 import comfy.utils
 
-from ..pid_core.api import decode
+from ..pid_core.api import decode, output_shape, plan_decode
 from ..pid_core.config import LatentSpace
 from ..pid_core.memory import SAFETY
 from ..pid_core.sampler import MAX_STEPS
@@ -47,6 +47,17 @@ def _preview(x0: torch.Tensor) -> tuple[str, Image.Image, int]:
         image = F.interpolate(image, scale_factor=scale, mode="area")
     pixels = ((image[0] + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     return ("JPEG", Image.fromarray(pixels), PREVIEW_SIZE)
+
+
+def _memory_to_ask(patcher, height: int, width: int, batch: int, tiling: str, tile_size: int | None) -> int:
+    """The working memory this decode would plan for on its device with no other model loaded. Asked of ComfyUI when
+    loading PiD, it unloads other models to make that room, as it does for VAE Decode; the decode then plans for what
+    is really free."""
+    device = patcher.load_device
+    room = max(0, mm.get_total_memory(device) - patcher.model_size())
+    plan = plan_decode(patcher.model, height, width, batch=batch, tiling=tiling, tile_size=tile_size,
+                       memory_budget=int(room * SAFETY), device=device)
+    return plan.memory.activations
 
 
 def _latent_inputs(latent: dict, sigma: float, latent_space: str) -> tuple[list[float] | float, str | None]:
@@ -115,8 +126,11 @@ class PiDDecode(io.ComfyNode):
         cls, pid_decoder, latent, size, steps, seed, sigma, latent_space, caption=None, tiling="auto", tile_size=0
     ) -> io.NodeOutput:
         sigmas, space = _latent_inputs(latent, sigma, latent_space)
+        samples, tile_size = latent["samples"], tile_size or None
         patcher = pid_decoder.patcher
-        mm.load_models_gpu([patcher])
+        height, width = output_shape(patcher.model, samples, space=space, size=_size(size), info=pid_decoder.info)
+        needed = _memory_to_ask(patcher, height, width, samples.shape[0], tiling, tile_size)
+        mm.load_models_gpu([patcher], memory_required=needed)
         device = patcher.load_device
         pbar = comfy.utils.ProgressBar(steps)
 
@@ -132,9 +146,9 @@ class PiDDecode(io.ComfyNode):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             image = decode(
-                patcher.model, latent["samples"], space=space, sigma=sigmas, caption=_caption(caption),
+                patcher.model, samples, space=space, sigma=sigmas, caption=_caption(caption),
                 size=_size(size), steps=steps, seed=seed, info=pid_decoder.info, callback=step_done,
-                device=device, tiling=tiling, tile_size=tile_size or None,
+                device=device, tiling=tiling, tile_size=tile_size,
                 memory_budget=int(mm.get_free_memory(device) * SAFETY), call_callback=network_call,
                 attention=pid_decoder.attention,
             )

@@ -181,6 +181,39 @@ def plan_decode(
     return DecodePlan(height, width, batch, per_call, tiles, memory, budget)
 
 
+def _network_latent(
+    network: PiDNetwork,
+    latent: torch.Tensor,
+    space: LatentSpace | str | None,
+    sigma: SigmaLike,
+    flux2_bn: tuple[torch.Tensor, torch.Tensor] | None,
+    info: CheckpointInfo | None,
+) -> torch.Tensor:
+    """The network's LQ latent of a ComfyUI-convention ``latent``, checked against the checkpoint."""
+    space = _resolve_space(space, info)
+    z = to_network_latent(latent, space, sigma, flux2_bn)
+    if z.shape[1] != network.config.latent_channels:
+        raise ValueError(
+            f"The {space.value} latent has {z.shape[1]} channels, but this PiD checkpoint takes "
+            f"{network.config.latent_channels}: load the PiD checkpoint that matches the model that made the latent."
+        )
+    return z
+
+
+def output_shape(
+    network: PiDNetwork,
+    latent: torch.Tensor,
+    *,
+    space: LatentSpace | str | None = None,
+    size: SizeLike = "native",
+    info: CheckpointInfo | None = None,
+    flux2_bn: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[int, int]:
+    """(height, width) in pixels of the pictures :func:`decode` draws from ``latent``; checks the latent as it does."""
+    z = _network_latent(network, latent, space, 0.0, flux2_bn, info)
+    return output_size(z.shape[-2:], network.config, size)
+
+
 class _NetworkPasses:
     """The network calls of a sampler step under a decode plan (groups of images, whole or in tiles), and the switch
     to a smaller plan when a call runs out of memory."""
@@ -288,14 +321,8 @@ def decode(
     images or of tiles (it may raise to cancel). A call that runs out of memory is redone with a plan for half
     the memory (fewer images per call, then smaller tiles), with a warning; the decode goes on with that plan.
     """
-    space = _resolve_space(space, info)
-    z = to_network_latent(latent, space, sigma, flux2_bn)
+    z = _network_latent(network, latent, space, sigma, flux2_bn, info)
     config = network.config
-    if z.shape[1] != config.latent_channels:
-        raise ValueError(
-            f"The {space.value} latent has {z.shape[1]} channels, but this PiD checkpoint takes "
-            f"{config.latent_channels}: load the PiD checkpoint that matches the model that made the latent."
-        )
     batch = z.shape[0]
     height, width = output_size(z.shape[-2:], config, size)
     if info is not None and (message := training_range_warning((height, width), _known(info.training))):

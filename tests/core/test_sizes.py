@@ -1,7 +1,12 @@
 """Output sizes and the training-range warning."""
 
-import pytest
+import warnings
 
+import pytest
+import torch
+from tiny import tiny_network
+
+from pid_core.api import decode, output_shape
 from pid_core.config import released
 from pid_core.sizes import output_size, training_range_warning
 
@@ -133,3 +138,27 @@ def test_native_outputs_of_released_checkpoints_are_in_their_range():
     assert training_range_warning(output_size((32, 32), SIGLIP), "2k") is not None  # 4096 is beyond 2k
     assert training_range_warning(output_size((16, 16), SIGLIP), "2k") is None
     assert training_range_warning(output_size((64, 64), FLUX2, 4096), "2kto4k") is None
+
+
+@pytest.mark.parametrize(
+    "variant, space, latent_shape, size",
+    [
+        ("flux_2k", "flux", (2, 16, 3, 5), "native"),
+        ("flux_2k", "flux", (1, 16, 3, 5), 256),
+        ("flux2_2kto4k_v1pt5", "flux2", (1, 128, 2, 3), "native"),
+        ("sdxl_2kto4k", "sdxl", (1, 4, 4, 2), 192),
+    ],
+)
+def test_output_shape_is_the_shape_decode_draws(variant, space, latent_shape, size):
+    net = tiny_network(variant)
+    latent = torch.randn(latent_shape)
+    shape = output_shape(net, latent, space=space, size=size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no caption
+        image = decode(net, latent, space=space, size=size, steps=1, caption=None)
+    assert image.shape == (latent_shape[0], 3, *shape)
+
+
+def test_output_shape_checks_the_latent_as_decode_does():
+    with pytest.raises(ValueError, match="channels, but this PiD checkpoint takes"):
+        output_shape(tiny_network("flux2_2kto4k_v1pt5"), torch.randn(1, 16, 4, 4), space="flux")
