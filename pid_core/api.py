@@ -223,19 +223,17 @@ class _NetworkPasses:
         self.network, self.z, self.caption, self.sigma, self.run = network, z, caption, sigma, run
         self.tiling = tiling
         self.grid = (plan.height // network.config.patch_size, plan.width // network.config.patch_size)
-        self.plan: DecodePlan | None = None
-        self.use(plan)
-
-    def use(self, plan: DecodePlan) -> None:
-        if self.plan is None or plan.items_per_call != self.plan.items_per_call:
-            self.groups = [slice(i, i + plan.items_per_call) for i in range(0, plan.batch, plan.items_per_call)]
-            self.lq_tokens = None  # free the old ones first
-            with torch.inference_mode(), autocast(self.run.device, self.run.dtype):
-                # once per decode, as they depend on the latent only; kept per group as the network made them (a
-                # copy into one tensor would change their memory layout, and with it the bf16 rounding of the
-                # matrix kernels)
-                self.lq_tokens = [self.network.project_latent(self.z[g], self.grid) for g in self.groups]
         self.plan = plan
+        self._group(plan)
+
+    def _group(self, plan: DecodePlan) -> None:
+        """The plan's groups of images and their LQ tokens."""
+        self.groups = [slice(i, i + plan.items_per_call) for i in range(0, plan.batch, plan.items_per_call)]
+        self.lq_tokens = None  # free the old ones first
+        with torch.inference_mode(), autocast(self.run.device, self.run.dtype):
+            # once per grouping, as they depend on the latent only; kept per group as the network made them (a copy
+            # into one tensor would change their memory layout, and with it the bf16 rounding of the matrix kernels)
+            self.lq_tokens = [self.network.project_latent(self.z[g], self.grid) for g in self.groups]
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, on_call: Callable[[int, int], None]) -> torch.Tensor:
         """The network's velocity for the whole batch; ``on_call(done, total)`` after each network call."""
@@ -265,6 +263,7 @@ class _NetworkPasses:
         """After a call ran out of memory: plan for half the working memory (fewer images per call, then smaller
         tiles; "off" never tiles), or raise a clear error when no smaller plan is left."""
         failed, device = self.plan, self.run.device
+        decoding = f"decoding {failed.width}x{failed.height} px {failed.how()}"
         if device.type == "cuda":
             torch.cuda.empty_cache()
         smaller = plan_decode(
@@ -275,16 +274,18 @@ class _NetworkPasses:
         if smaller.memory.activations >= failed.memory.activations:
             hint = ", or allow tiling (tiling auto)" if self.tiling == "off" else ""
             raise torch.OutOfMemoryError(
-                f"PiD ran out of memory decoding {failed.width}x{failed.height} px {failed.how()} (about "
-                f"{failed.memory.activations / GB:.1f} GB of working memory), and there is no smaller way to decode it: "
-                f"free memory (unload other models, close other programs) or choose a smaller output size{hint}."
+                f"PiD ran out of memory {decoding} (about {failed.memory.activations / GB:.1f} GB of working memory), "
+                "and there is no smaller way to decode it: free memory (unload other models, close other programs) or "
+                f"choose a smaller output size{hint}."
             )
-        message = (
-            f"PiD ran out of memory decoding {failed.width}x{failed.height} px {failed.how()}; going on {smaller.how()} "
-            f"(about {smaller.memory.activations / GB:.1f} GB of working memory)."
+        warnings.warn(
+            f"PiD ran out of memory {decoding}; going on {smaller.how()} (about {smaller.memory.activations / GB:.1f} GB "
+            "of working memory).",
+            stacklevel=4,
         )
-        warnings.warn(message, stacklevel=4)
-        self.use(smaller)
+        if smaller.items_per_call != failed.items_per_call:
+            self._group(smaller)
+        self.plan = smaller
 
 
 def decode(

@@ -39,6 +39,6 @@ def test_registry_icon_is_a_square_picture_in_the_repository():
 
 def test_licence_file_is_gpl3_as_comfyui():
     project = _pyproject()["project"]
-    licence = ROOT / project["license"]["file"]
-    assert "GNU GENERAL PUBLIC LICENSE" in licence.read_text()[:200]
-    assert "Version 3" in licence.read_text()[:200]
+    head = (ROOT / project["license"]["file"]).read_text()[:200]
+    assert "GNU GENERAL PUBLIC LICENSE" in head
+    assert "Version 3" in head
