@@ -147,7 +147,6 @@ def measure(
         "peak_bytes": peak_rss() - baseline,
         "build_peak_bytes": after_build - baseline,
         "estimate_bytes": plan.memory.total if mode == "ours" else reference_estimate(size),
-        "estimate_weights": plan.memory.weights,
         # our planner's description would leave out autocast's weight copies of a reference-style run
         "plan": plan.describe() if mode == "ours" else f"{size}x{size} px whole, unchunked, fp32 weights + bf16 copies",
         "tiles": plan.tiles.count if plan.tiles else 1,

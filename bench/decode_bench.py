@@ -13,9 +13,10 @@ resident memory is its own. Two setups, interleaved run by run, best time of ``-
   layers under bf16 autocast inside torch.no_grad (so autocast caches a bf16 copy of every weight), never
   tiled, pixel blocks unchunked (see ``common.measure``).
 
-At ``--agreement-size`` (default: the largest whole-image size) it also decodes that output in tiles of half its side and reports the PSNR
-against the whole decode and a seam score: gradient energy across tile borders over that elsewhere
-(1.0 = borders are indistinguishable), with the whole image's score at the same lines for comparison.
+At ``--agreement-size`` (default: the largest whole-image size) it also decodes that output in tiles of half
+its side and reports the PSNR against the whole decode and a seam score: gradient energy across tile borders
+over that elsewhere (1.0 = borders are indistinguishable), with the whole image's score at the same lines for
+comparison.
 With random weights these figures show numerical agreement only, not picture quality.
 """
 
@@ -55,8 +56,8 @@ def load() -> str:
 
 def run(size: int, mode: str, weights: str | None, **kwargs) -> dict:
     result = measure_in_subprocess(size=size, mode=mode, weights=weights, **kwargs)
-    print(f"  {size:5d} px {mode:10s} {result['seconds']:8.1f} s (cpu {result['cpu_seconds']:7.1f} s)  peak {result['peak_bytes'] / GIB:6.2f} GiB  "
-          f"(estimate {result['estimate_bytes'] / GIB:5.2f})  {result['plan']}", flush=True)
+    print(f"  {size:5d} px {mode:10s} {result['seconds']:8.1f} s (cpu {result['cpu_seconds']:7.1f} s)  "
+          f"peak {result['peak_bytes'] / GIB:6.2f} GiB  (estimate {result['estimate_bytes'] / GIB:5.2f})  {result['plan']}", flush=True)
     return result
 
 
