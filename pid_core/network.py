@@ -44,8 +44,9 @@ PIXEL_CHUNK_PATCHES = 1024
 def row_chunks(n: int, chunk: int | None) -> list[slice]:
     """Slices of ``range(n)`` of ``chunk`` rows (rounded to a multiple of 16), the last one taking a short tail.
 
-    Matrix kernels pick their blocking by row count, and on small counts (fewer than ~12 rows) may sum in
-    another order; chunks of at least 16 rows keep a chunked layer bit-identical to the whole one.
+    Matrix kernels pick their blocking by row count, and on small counts (fewer than ~12 rows) may take another
+    code path; chunks of at least 16 rows stay on the path of the whole layer. (Whether the sums then come out
+    bit-identical depends on the CPU's kernels; they agree to rounding in any case.)
     """
     if chunk is None or n <= chunk:
         return [slice(0, n)]

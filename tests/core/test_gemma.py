@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from comparison import GEMMA_TOLERANCE
 from safetensors.torch import save_file
 
 from pid_core.captions import CaptionTokenizer, keep_positions, tokenize_captions
@@ -41,15 +42,6 @@ def reference_encoder(folder, dtype):
     return decoder
 
 
-# Tolerances. fp32: both sides perform the same operations in the same order, so only kernel-level
-# reassociation could differ (~1e-6 relative); 1e-5 leaves room for that and nothing else.
-# bf16: we reproduce the reference's roundings step by step (embedding scale rounded to bf16, fp32 norms cast
-# back, RoPE tables rounded to bf16, SDPA in bf16), and on this machine the result is bit-identical. One bf16 ulp
-# is 2^-8 relative, and one rounding that differs early is amplified by the layers to ~1 absolute (see
-# test_bf16_tolerance_catches_one_rounding_difference), so 2 ulps (rtol 2^-7) with atol 2^-6 for values near 0
-# tolerates a kernel choice on another CPU but not a change in arithmetic.
-TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2**-7, atol=2**-6)}
-
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_equals_transformers_gemma2_on_all_kept_positions(hf_folder, tokens, dtype):
@@ -61,7 +53,7 @@ def test_equals_transformers_gemma2_on_all_kept_positions(hf_folder, tokens, dty
         want = keep_positions(reference(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state)
     assert got.shape == (len(CAPTIONS), 300, 64) and got.dtype == want.dtype == dtype
     assert torch.isfinite(want).all()
-    torch.testing.assert_close(got, want, **TOLERANCE[dtype])
+    torch.testing.assert_close(got, want, **GEMMA_TOLERANCE[dtype])
 
 
 def test_bf16_tolerance_catches_one_rounding_difference(hf_folder, tokens):
@@ -74,7 +66,7 @@ def test_bf16_tolerance_catches_one_rounding_difference(hf_folder, tokens):
         got = keep_positions(ours(tokens.input_ids, tokens.attention_mask))
         want = keep_positions(reference(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state)
     with pytest.raises(AssertionError):
-        torch.testing.assert_close(got, want, **TOLERANCE[torch.bfloat16])
+        torch.testing.assert_close(got, want, **GEMMA_TOLERANCE[torch.bfloat16])
 
 
 def test_sliding_window_and_padding_mask_matter(hf_folder, tokens):

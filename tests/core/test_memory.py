@@ -1,7 +1,7 @@
 """The memory estimate and the memory-lean forward.
 
 Fast checks: the estimate grows with the output size, tiling bounds it, the plan follows the budget, and the
-chunked pixel blocks compute exactly what the whole ones do. The slow check (``-m slow``) measures the peak
+chunked pixel blocks compute what the whole ones do. The slow check (``-m slow``) measures the peak
 memory of full-size decodes in fresh processes and holds the estimate to within 25% of it.
 """
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from comparison import BF16, FP32
 from tiny import tiny_config, tiny_network
 
 from pid_core.config import released
@@ -94,8 +95,13 @@ def test_row_chunks_cover_every_row_once_in_chunks_of_at_least_16(n, chunk):
     assert all(part.stop - part.start >= 16 for part in parts)
 
 
+# Chunks change the row counts the matrix kernels see, and so, on some CPUs, their summation order: the chunked
+# forward is the whole one within the rounding rules of comparison.py, not bit for bit (a chunk that took the
+# wrong rows of the modulation would be off by O(1)).
+
+
 @pytest.mark.parametrize("autocast", [False, True])
-def test_chunked_pixel_block_equals_the_whole_block_exactly(autocast):
+def test_chunked_pixel_block_equals_the_whole_block(autocast):
     net = tiny_network("flux_2k")
     block: PixelBlock = net.pixel_blocks[0]
     c = net.config
@@ -108,11 +114,11 @@ def test_chunked_pixel_block_equals_the_whole_block_exactly(autocast):
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         whole = block(x, cond, rope, batch)
         for chunk in (16, 20, 37, 64):
-            assert torch.equal(block(x, cond, rope, batch, chunk=chunk), whole), chunk
+            (BF16 if autocast else FP32).check(block(x, cond, rope, batch, chunk=chunk).float(), whole.float(), f"chunk {chunk}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunked_network_equals_the_unchunked_one_exactly(dtype):
+def test_chunked_network_equals_the_unchunked_one(dtype):
     net = tiny_network("flux2_2kto4k_v1pt5").to(dtype)
     c = net.config
     g = torch.Generator().manual_seed(1)
@@ -124,7 +130,7 @@ def test_chunked_network_equals_the_unchunked_one_exactly(dtype):
         net.pixel_chunk = None
         whole = net(*args)
         net.pixel_chunk = 32  # 96 patches per image: 6 chunks
-        assert torch.equal(net(*args), whole)
+        (BF16 if dtype == torch.bfloat16 else FP32).check(net(*args).float(), whole.float())
 
 
 @pytest.mark.slow
