@@ -12,12 +12,13 @@ import warnings
 import torch
 
 from .api import PRECISIONS, PiDDecoder
-from .captions import CaptionEncoder, empty_caption_embedding
+from .captions import NEGATIVE_PROMPT, CaptionEncoder, cached_caption_embedding, empty_caption_embedding
 from .checkpoint import load_checkpoint
 from .config import LatentSpace
 from .download import GEMMA_FILES, TRAININGS, download_gemma, download_pid
 from .runtime import ATTENTION_BACKENDS
-from .sampler import MAX_STEPS, SCHEDULES
+from .sampler import MAX_STEPS, SCHEDULES, STUDENT_STEPS
+from .teacher import MAX_TEACHER_STEPS, TEACHER_CFG, TEACHER_STEPS
 from .tensor_files import read_caption_file, read_latent_file, write_image
 from .tiling import TILING_MODES
 
@@ -37,6 +38,7 @@ def _info(args: argparse.Namespace) -> None:
         ("latent channels", info.config.latent_channels),
         ("upscale", f"{info.config.sr_scale}x"),
         ("training", info.training),
+        ("distilled", "yes (4-step student)" if info.distilled else "no (undistilled teacher: DPM-Solver with CFG)"),
         ("released as", info.released or "-"),
         ("parameters", f"{info.parameters:,}"),
         ("stored as", info.storage_dtype),
@@ -65,8 +67,18 @@ def _caption(args: argparse.Namespace) -> torch.Tensor | None:
     return empty_caption_embedding(args.gemma)
 
 
+def _negative_caption(args: argparse.Namespace) -> torch.Tensor | None:
+    """The negative prompt's embedding, the unconditional branch of an undistilled checkpoint's guidance (encoded
+    only for such a checkpoint)."""
+    if args.negative_caption_embedding:
+        return read_caption_file(args.negative_caption_embedding)
+    if not args.gemma or load_checkpoint(args.checkpoint, args.space, args.training).info.distilled:
+        return None
+    return cached_caption_embedding(args.gemma, NEGATIVE_PROMPT)
+
+
 def _decode(args: argparse.Namespace) -> None:
-    caption = _caption(args)
+    caption, negative_caption = _caption(args), _negative_caption(args)
     decoder = PiDDecoder.load(args.checkpoint, args.space, args.training, args.precision)
     latent = read_latent_file(args.latent)
     size = args.size if args.size == "native" else int(args.size)
@@ -78,7 +90,7 @@ def _decode(args: argparse.Namespace) -> None:
     image = decoder.decode(
         latent, sigma=args.sigma, caption=caption, size=size, steps=args.steps, seed=args.seed,
         schedule=args.schedule, callback=progress, tiling=args.tiling, tile_size=args.tile_size,
-        attention=args.attention,
+        attention=args.attention, cfg=args.cfg, shift=args.shift, negative_caption=negative_caption,
     )
     for path in write_image(image, args.out):
         print(path)
@@ -88,7 +100,7 @@ def _download(args: argparse.Namespace) -> None:
     if args.space is None and not args.gemma:
         raise ValueError("Nothing to download: pass --space (and --training) for a PiD checkpoint, and/or --gemma.")
     if args.space is not None:
-        print(download_pid(args.space, args.training, args.models_dir))
+        print(download_pid(args.space, args.training, args.models_dir, distilled=not args.undistilled))
     if args.gemma:
         print(download_gemma(args.models_dir, args.gemma_variant))
 
@@ -113,7 +125,11 @@ def parser() -> argparse.ArgumentParser:
     dec.add_argument("--sigma", type=float, default=0.0, help="PiD degrade sigma of the latent in [0, 1] (0 = clean)")
     dec.add_argument("--out", required=True, help="OUT.png (8-bit picture) or OUT.safetensors (float image in [-1, 1])")
     dec.add_argument("--size", default="native", choices=("native", "2048", "4096"), help="native 4x, or a long side")
-    dec.add_argument("--steps", type=int, default=4, choices=range(1, MAX_STEPS + 1), metavar=f"1..{MAX_STEPS}")
+    dec.add_argument(
+        "--steps", type=int,
+        help=f"sampler steps: default {STUDENT_STEPS} for distilled checkpoints (1..{MAX_STEPS}), {TEACHER_STEPS} for "
+        f"undistilled ones (1..{MAX_TEACHER_STEPS})",
+    )
     dec.add_argument("--seed", type=int, default=0)
     dec.add_argument("--caption-embedding", help="safetensors file with a [B, 300, 2304] caption embedding")
     dec.add_argument("--caption", help="caption text to encode with --gemma (default: the empty caption)")
@@ -122,7 +138,12 @@ def parser() -> argparse.ArgumentParser:
         "variant, or Hugging Face safetensors with tokenizer.model beside them); without --caption, the empty "
         "caption's embedding is used (cached, see PID_CACHE_DIR)",
     )
-    dec.add_argument("--precision", choices=tuple(PRECISIONS), default="bf16", help="weights in bf16 or exact fp32")
+    dec.add_argument("--negative-caption-embedding",
+                     help="safetensors file with the negative prompt's embedding (guidance of undistilled checkpoints "
+                     "without --gemma; with --gemma it is encoded)")
+    dec.add_argument("--cfg", type=float, help=f"guidance of undistilled checkpoints (default {TEACHER_CFG:g}; 1: none)")
+    dec.add_argument("--shift", type=float, help="timestep shift of undistilled checkpoints (default: from the size)")
+    dec.add_argument("--precision", choices=tuple(PRECISIONS), default="bf16", help="weights in bf16, or fp32 (the reference's fp32 run to rounding)")
     dec.add_argument(
         "--schedule", choices=SCHEDULES, default="spread",
         help="timesteps for 5-8 steps: 'spread' (default) interpolates distinct ones, 'reference' repeats some as the "
@@ -140,6 +161,8 @@ def parser() -> argparse.ArgumentParser:
     )
     dl.add_argument("--space", choices=LatentSpace.names(), help="download the PiD checkpoint for this latent space")
     dl.add_argument("--training", choices=TRAININGS, help="its training resolution, when the space has two")
+    dl.add_argument("--undistilled", action="store_true",
+                    help="the undistilled teacher (flux, flux2, qwenimage) instead of the 4-step student")
     dl.add_argument("--gemma", action="store_true", help="download Gemma-2-2B-it (Comfy-Org repack) for captions")
     dl.add_argument("--gemma-variant", choices=tuple(GEMMA_FILES), default="bf16", help="bf16 (5.2 GB) or fp8_scaled")
     dl.set_defaults(run=_download)

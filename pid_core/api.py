@@ -18,14 +18,15 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, CheckpointInfo, LoadedCheckpoint, check_keys, load_checkpoint
+from .checkpoint import CheckpointError, CheckpointInfo, LoadedCheckpoint, check_keys, load_checkpoint, network_tensors
 from .config import LatentSpace
 from .latents import SigmaLike, sigma_tensor, to_network_latent
 from .memory import GB, SAFETY, MemoryEstimate, available_memory, estimate, items_that_fit
 from .network import PiDNetwork
 from .runtime import Fallback, autocast, default_compute_dtype
-from .sampler import sample
+from .sampler import STUDENT_STEPS, sample
 from .sizes import SizeLike, output_size, training_range_warning
+from .teacher import TEACHER_CFG, TEACHER_STEPS, dynamic_shift, sample_teacher
 from .tiling import TilePlan, choose_plan, tiled_forward
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,9 @@ def build_network(
     with torch.device("meta"):
         network = PiDNetwork(loaded.info.config, dtype=dtype, **kwargs)
     expected = {k: v.shape for k, v in network.state_dict().items()}
-    check_keys(loaded.state_dict, expected, Path(loaded.info.path).name)
-    weights = {k: v.to(device=device, dtype=dtype) for k, v in loaded.state_dict.items()}
+    tensors = network_tensors(loaded.state_dict)
+    check_keys(tensors, expected, Path(loaded.info.path).name)
+    weights = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
     network.load_state_dict(weights, strict=True, assign=True)
     return network.eval().requires_grad_(False)
 
@@ -296,7 +298,7 @@ def decode(
     sigma: SigmaLike = 0.0,
     caption: torch.Tensor | None = None,
     size: SizeLike = "native",
-    steps: int = 4,
+    steps: int | None = None,
     seed: int = 0,
     schedule: str = "spread",
     info: CheckpointInfo | None = None,
@@ -309,20 +311,31 @@ def decode(
     memory_budget: int | None = None,
     call_callback: CallProgress | None = None,
     attention: str = "auto",
+    cfg: float | None = None,
+    shift: float | None = None,
+    negative_caption: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode a ComfyUI-convention latent with ``network``; returns the image [B, 3, H, W] in [-1, 1] (float32, CPU).
 
     Runs on ``device`` (default: where the weights are), computing in ``compute_dtype`` (default: see
-    :func:`pid_core.runtime.default_compute_dtype`; bf16 runs under autocast as the reference does, fp32 gives
-    exact parity) with the ``attention`` kernel (see :mod:`pid_core.runtime`, which also tells how a call with
+    :func:`pid_core.runtime.default_compute_dtype`; bf16 runs under autocast as the reference does, fp32 follows
+    the reference's fp32 run to rounding) with the ``attention`` kernel (see :mod:`pid_core.runtime`, which also tells how a call with
     NaN/inf output is redone). ``info`` (from loading)
     lets the latent space and training range be checked; ``callback(step, total, x0)`` reports progress and
     may raise to cancel. ``tiling``, ``tile_size`` and ``memory_budget`` choose whole or tiled decoding (see
     :func:`plan_decode`); ``call_callback(step, done, total)`` runs after each network call, one per group of
     images or of tiles (it may raise to cancel). A call that runs out of memory is redone with a plan for half
     the memory (fewer images per call, then smaller tiles), with a warning; the decode goes on with that plan.
+
+    A distilled student (``info`` missing or ``info.distilled``) runs ``steps`` (default 4) of the student sampler
+    (``schedule`` applies to it). An undistilled teacher runs :func:`pid_core.teacher.sample_teacher`: ``steps``
+    (default 25), classifier-free guidance ``cfg`` (default 5; 1 turns it off) against ``negative_caption``, the
+    embedding of :data:`pid_core.captions.NEGATIVE_PROMPT` as the reference uses (needed with a caption), and the
+    timestep ``shift`` (default: from the picture size). Both branches of the guidance go through the network together when memory allows.
     """
     z = _network_latent(network, latent, space, sigma, flux2_bn, info)
+    distilled = info is None or info.distilled
+    steps = steps or (STUDENT_STEPS if distilled else TEACHER_STEPS)
     config = network.config
     batch = z.shape[0]
     height, width = output_size(z.shape[-2:], config, size)
@@ -332,7 +345,11 @@ def decode(
     param = next(network.parameters())
     device = torch.device(device) if device is not None else param.device
     dtype = compute_dtype or default_compute_dtype(device, param.dtype)
-    plan = plan_decode(network, height, width, batch=batch, tiling=tiling, tile_size=tile_size,
+    y = _caption_tensor(caption, batch, network)
+    cfg = _guidance(cfg, distilled, caption is not None)
+    if cfg != 1.0:  # the unconditional branch first, as the sampler expects
+        y = torch.cat([_caption_tensor(_required_negative_caption(negative_caption), batch, network), y])
+    plan = plan_decode(network, height, width, batch=y.shape[0], tiling=tiling, tile_size=tile_size,
                        memory_budget=memory_budget, device=device, compute_dtype=dtype)
     log.info("PiD decode: %s", plan.describe())
     if not plan.fits:
@@ -342,8 +359,9 @@ def decode(
             stacklevel=2,
         )
     sig = sigma_tensor(sigma, batch).to(device)  # warns once for a sigma beyond the trained range
-    y = _caption_tensor(caption, batch, network).to(device)
-    passes = _NetworkPasses(network, z.to(device), y, sig, Fallback(device, dtype, attention), plan, tiling)
+    branches = y.shape[0] // batch
+    passes = _NetworkPasses(network, z.repeat(branches, 1, 1, 1).to(device), y.to(device), sig.repeat(branches),
+                            Fallback(device, dtype, attention), plan, tiling)
     steps_done = 0
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -361,8 +379,39 @@ def decode(
                 pass  # leave the handler before retrying: that frees what the failed call held
             passes.shrink()
 
-    x0 = sample(denoise, (batch, 3, height, width), seed=seed, steps=steps, schedule=schedule, device=device, callback=callback)
+    shape = (batch, 3, height, width)
+    if distilled:
+        x0 = sample(denoise, shape, seed=seed, steps=steps, schedule=schedule, device=device, callback=callback)
+    else:
+        shift = shift or dynamic_shift(height, width)
+        log.info("PiD decode: undistilled checkpoint, %d DPM-Solver steps, cfg %g, shift %.3g", steps, cfg, shift)
+        x0 = sample_teacher(denoise, shape, seed=seed, steps=steps, cfg=cfg, shift=shift, device=device,
+                            callback=callback)
     return x0.clamp(-1.0, 1.0).cpu()
+
+
+def _guidance(cfg: float | None, distilled: bool, has_caption: bool) -> float:
+    """The guidance scale to run: students have none; teachers 5 unless given, and none without a caption."""
+    if distilled:
+        if cfg not in (None, 1.0):
+            warnings.warn(f"cfg {cfg:g} is ignored: this PiD checkpoint is a distilled student, which runs without "
+                          "guidance (cfg is for undistilled checkpoints).", stacklevel=3)
+        return 1.0
+    cfg = TEACHER_CFG if cfg is None else float(cfg)
+    if cfg != 1.0 and not has_caption:
+        warnings.warn("No caption: decoding without guidance (cfg steers towards a caption and away from the "
+                      "negative prompt).", stacklevel=3)
+        return 1.0
+    return cfg
+
+
+def _required_negative_caption(negative_caption: torch.Tensor | None) -> torch.Tensor:
+    if negative_caption is None:
+        raise ValueError(
+            "Classifier-free guidance needs the negative prompt's embedding for its unconditional branch: connect PiD "
+            "Caption (it brings it along), or pass negative_caption (CLI: --gemma), or set cfg to 1."
+        )
+    return negative_caption
 
 
 def _known(training: str) -> str | None:
@@ -387,8 +436,8 @@ class PiDDecoder:
     ) -> PiDDecoder:
         """Load a checkpoint (official .pth, .safetensors, or Comfy-Org repack).
 
-        ``precision`` "bf16" (default) keeps the weights in bf16, half the reference's memory; "fp32" gives
-        exact parity with the reference's fp32 run.
+        ``precision`` "bf16" (default) keeps the weights in bf16, half the reference's memory; "fp32" follows the
+        reference's fp32 run to within fp32 rounding.
         """
         if precision not in PRECISIONS:
             raise CheckpointError(f"Unknown precision {precision!r}; use one of: {', '.join(PRECISIONS)}.")

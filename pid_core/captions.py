@@ -1,5 +1,5 @@
 """Captions to PiD's text conditioning: the Gemma tokenizer, the reference's prompt layout, and the cached
-empty-caption embedding.
+embeddings of the empty caption and of the negative prompt.
 
 Layout (facts §4, trap 22): the 8-line system prompt (``CHI_PROMPT``) joined with newlines, the caption
 appended with no separator; ``n_chi`` = tokens of the system prompt with BOS; the prompt is tokenized to
@@ -8,9 +8,10 @@ position 0 (BOS) and the last 299 positions (the end of the system prompt, the c
 -> ``[B, 300, hidden]``.
 
 The empty caption (system prompt + "") is what PiD saw for dropped captions in training, so it is the
-conditioning to use when the user gives none. It is computed once per Gemma file and cached in
-``cache_dir()`` (``$PID_CACHE_DIR``, else ``$XDG_CACHE_HOME/pid_core`` or ``~/.cache/pid_core``) under a key
-made from the Gemma file's content, so later runs need not load Gemma at all.
+conditioning to use when the user gives none. The undistilled teachers' guidance takes its unconditional
+branch from the reference's negative prompt (``NEGATIVE_PROMPT``, in the same layout). Both are computed once
+per Gemma file and cached in ``cache_dir()`` (``$PID_CACHE_DIR``, else ``$XDG_CACHE_HOME/pid_core`` or
+``~/.cache/pid_core``) under a key made from the Gemma file's content, so later runs need not load Gemma at all.
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ CHI_PROMPT: tuple[str, ...] = (
     "Please generate only the enhanced description for the prompt below and avoid including any additional "
     "commentary or evaluations:",
     "User Prompt: ",
+)
+# The reference's unconditional caption for classifier-free guidance, verbatim (nv-tlabs/PiD
+# pid/_src/models/pixeldit_model.py, `PixelDiTModelConfig.negative_prompt`, which the PiD teachers inherit; it is
+# encoded like any caption, after the system prompt).
+NEGATIVE_PROMPT = (
+    "low quality, worst quality, over-saturated, three legs, six fingers, cartoon, anime, cgi, low res, blurry, "
+    "deformed, distortion, duplicated limbs, plastic skin, jpeg artifacts, watermark"
 )
 CAPTION_LENGTH = 300  # positions PiD takes (its learned text positions), BOS included
 _CACHE_VERSION = "1"  # bump when the layout or the encoder's arithmetic changes
@@ -182,7 +190,7 @@ def encode_captions(
 
 
 def cache_dir() -> Path:
-    """Where empty-caption embeddings are cached: ``$PID_CACHE_DIR``, else ``$XDG_CACHE_HOME/pid_core``, else
+    """Where the embeddings of fixed captions are cached: ``$PID_CACHE_DIR``, else ``$XDG_CACHE_HOME/pid_core``, else
     ``~/.cache/pid_core``."""
     if os.environ.get("PID_CACHE_DIR"):
         return Path(os.environ["PID_CACHE_DIR"])
@@ -219,8 +227,14 @@ def _cache_key(identity: str, dtype: torch.dtype) -> str:
     return hashlib.sha256(f"{_CACHE_VERSION}|{identity}|{prompt}|{CAPTION_LENGTH}|{dtype}".encode()).hexdigest()[:20]
 
 
-def empty_caption_path(identity: str, dtype: torch.dtype = torch.bfloat16, directory: str | Path | None = None) -> Path:
-    return Path(directory or cache_dir()) / f"pid_empty_caption_{_cache_key(identity, dtype)}.safetensors"
+def cached_caption_path(
+    identity: str, text: str = "", dtype: torch.dtype = torch.bfloat16, directory: str | Path | None = None
+) -> Path:
+    """Where the embedding of ``text`` by the Gemma weights ``identity`` is cached."""
+    key = _cache_key(identity, dtype)
+    if text:
+        key += "_" + hashlib.sha256(text.encode()).hexdigest()[:16]
+    return Path(directory or cache_dir()) / f"pid_{'caption' if text else 'empty_caption'}_{key}.safetensors"
 
 
 def _read_cached(path: Path) -> torch.Tensor | None:
@@ -234,17 +248,17 @@ def _read_cached(path: Path) -> torch.Tensor | None:
     return embedding if embedding.ndim == 3 and embedding.shape[:2] == (1, CAPTION_LENGTH) else None
 
 
-def _write_cached(path: Path, embedding: torch.Tensor, source: str) -> None:
+def _write_cached(path: Path, embedding: torch.Tensor, source: str, text: str) -> None:
     from safetensors.torch import save_file
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-        save_file({"caption": embedding.contiguous()}, str(partial), metadata={"gemma": source, "prompt": "empty"})
+        save_file({"caption": embedding.contiguous()}, str(partial), metadata={"gemma": source, "prompt": text})
         os.replace(partial, path)
     except OSError as err:
         warnings.warn(
-            f"Could not cache the empty-caption embedding in {path.parent} ({err}); set PID_CACHE_DIR to a "
+            f"Could not cache a caption embedding in {path.parent} ({err}); set PID_CACHE_DIR to a "
             "writable folder.",
             stacklevel=3,
         )
@@ -283,40 +297,57 @@ class CaptionEncoder:
             captions = [captions]
         return encode_captions(self.model, self.tokenizer, list(captions), self.dtype)
 
-    def empty_caption(self, directory: str | Path | None = None) -> torch.Tensor:
-        """The embedding of the empty caption [1, 300, hidden], from the cache or computed and cached."""
-        path = empty_caption_path(self.identity, self.dtype, directory)
+    def cached(self, text: str, directory: str | Path | None = None) -> torch.Tensor:
+        """The embedding [1, 300, hidden] of a fixed ``text``, from the cache or computed and cached."""
+        path = cached_caption_path(self.identity, text, self.dtype, directory)
         cached = _read_cached(path)
         if cached is not None and cached.shape[-1] == self.model.config.hidden_size:
             return cached
-        embedding = self.encode([""])
-        _write_cached(path, embedding, self.name)
+        embedding = self.encode([text])
+        _write_cached(path, embedding, self.name, text)
         return embedding
 
+    def empty_caption(self, directory: str | Path | None = None) -> torch.Tensor:
+        """The embedding of the empty caption [1, 300, hidden]: the conditioning when there is no caption."""
+        return self.cached("", directory)
 
-def empty_caption_embedding(
+    def negative_caption(self, directory: str | Path | None = None) -> torch.Tensor:
+        """The embedding of :data:`NEGATIVE_PROMPT` [1, 300, hidden]: the unconditional branch of guidance."""
+        return self.cached(NEGATIVE_PROMPT, directory)
+
+
+def cached_caption_embedding(
     gemma: str | Path,
+    text: str = "",
     directory: str | Path | None = None,
     tokenizer: str | Path | None = None,
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
     operations=None,
 ) -> torch.Tensor:
-    """The empty-caption embedding [1, 300, hidden] for the Gemma file ``gemma``; Gemma is loaded only when
-    the cache (``directory``, default :func:`cache_dir`) does not have it yet."""
-    cached = _read_cached(empty_caption_path(gemma_identity(gemma, tokenizer), dtype, directory))
+    """The embedding [1, 300, hidden] of a fixed ``text`` (default: the empty caption; for guidance,
+    :data:`NEGATIVE_PROMPT`) by the Gemma file ``gemma``; Gemma is loaded only when the cache (``directory``,
+    default :func:`cache_dir`) does not have it yet."""
+    cached = _read_cached(cached_caption_path(gemma_identity(gemma, tokenizer), text, dtype, directory))
     if cached is not None:
         return cached
-    return CaptionEncoder.load(gemma, tokenizer, dtype, device, operations).empty_caption(directory)
+    return CaptionEncoder.load(gemma, tokenizer, dtype, device, operations).cached(text, directory)
+
+
+def empty_caption_embedding(gemma: str | Path, directory: str | Path | None = None, **kwargs) -> torch.Tensor:
+    """The empty caption's embedding for the Gemma file ``gemma`` (see :func:`cached_caption_embedding`)."""
+    return cached_caption_embedding(gemma, "", directory, **kwargs)
 
 
 __all__ = [
     "CAPTION_LENGTH",
     "CHI_PROMPT",
+    "NEGATIVE_PROMPT",
     "CaptionEncoder",
     "CaptionTokenizer",
     "CaptionTokens",
     "cache_dir",
+    "cached_caption_embedding",
     "empty_caption_embedding",
     "encode_captions",
     "gemma_identity",

@@ -8,9 +8,9 @@ Layouts:
   modulation split into ``adaLN_modulation_msa`` / ``adaLN_modulation_mlp``).
 
 Structure comes from tensor shapes. What shapes cannot tell (which 16-channel latent space, 2k or 2kto4k
-training) comes from an explicit argument or the file's path (official files are all called
-``model_ema_bf16.pth``; their folder names the experiment), and ``CheckpointInfo`` records which facts
-were detected and which were assumed.
+training, a distilled student or an undistilled teacher) comes from an explicit argument, training-only tensors
+or the file's path (official files are all called ``model_ema_bf16.pth``; their folder names the experiment), and
+``CheckpointInfo`` records which facts were detected and which were assumed.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ class CheckpointError(ValueError):
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 _DROPPED_PREFIXES = ("fake_score.", "discriminator.", "repa_loss.", "teacher.")
+# Tensors of the network that only training uses: the v1.5 teacher's auxiliary RGB head (students lack it).
+TRAINING_ONLY_PREFIXES = ("lq_proj.lq_aux_rgb_head.",)
 _COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 
@@ -243,6 +245,19 @@ def space_from_path(path: str | os.PathLike, candidates: tuple[LatentSpace, ...]
     return None
 
 
+def distilled_from_path(path: str | os.PathLike) -> bool | None:
+    """False for an undistilled teacher's file or folder name, True for a distilled student's, else None."""
+    text = _own_name(path)
+    if "undistill" in text or "teacher" in text:
+        return False
+    return True if "distill" in text or "student" in text else None
+
+
+def network_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors the inference network takes: training-only ones left out."""
+    return {k: v for k, v in tensors.items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
+
+
 def training_from_path(path: str | os.PathLike) -> str | None:
     text = _own_name(path)
     if "2kto4k" in text or "4k" in text:
@@ -265,6 +280,7 @@ class CheckpointInfo:
     space: LatentSpace | None  # None when the 16-channel family cannot be decided
     candidates: tuple[LatentSpace, ...]
     training: str  # "2k", "2kto4k" or "unknown"
+    distilled: bool  # False: an undistilled teacher, sampled with DPM-Solver and CFG (pid_core.teacher)
     released: str | None  # name in RELEASED_CHECKPOINTS when one matches
     parameters: int
     storage_dtype: str
@@ -286,6 +302,7 @@ class CheckpointInfo:
             "latent_channels": self.config.latent_channels,
             "upscale_factor": self.config.sr_scale,
             "training": self.training,
+            "distilled": self.distilled,
             "released_checkpoint": self.released,
             "parameters": self.parameters,
             "storage_dtype": self.storage_dtype,
@@ -295,7 +312,9 @@ class CheckpointInfo:
         }
 
 
-def _match_release(config: NetworkConfig, space: LatentSpace | None, training: str | None) -> list[ReleasedCheckpoint]:
+def _match_release(
+    config: NetworkConfig, space: LatentSpace | None, training: str | None, distilled: bool = True
+) -> list[ReleasedCheckpoint]:
     shape_keys = ("latent_channels", "latent_unpatchify", "sr_scale", "pit_lq_inject")
     return [
         r
@@ -303,7 +322,21 @@ def _match_release(config: NetworkConfig, space: LatentSpace | None, training: s
         if all(getattr(r.network, k) == getattr(config, k) for k in shape_keys)
         and (space is None or space in r.spaces)
         and (training is None or r.training == training)
+        and r.distilled == distilled
     ]
+
+
+def _distilled(tensors: dict[str, torch.Tensor], path: str | os.PathLike, detected: list[str], assumed: list[str]) -> bool:
+    """Teachers carry the training-only auxiliary RGB head (students were saved without it); where the weights do
+    not say, the name does; else a student, which is what most files are."""
+    if any(k.startswith(TRAINING_ONLY_PREFIXES) for k in tensors):
+        detected.append("undistilled (from its training-only tensors)")
+        return False
+    if (distilled := distilled_from_path(path)) is not None:
+        assumed.append(f"{'distilled' if distilled else 'undistilled'} (from the file path)")
+        return distilled
+    assumed.append("distilled (nothing says otherwise)")
+    return True
 
 
 def inspect_state_dict(
@@ -332,6 +365,7 @@ def inspect_state_dict(
     elif (space := space_from_path(path, candidates)) is not None:
         assumed.append("latent space (from the file path)")
 
+    distilled = _distilled(tensors, path, detected, assumed)
     if training is None:
         trainings = {r.training for r in _match_release(config, space, None)}
         if len(trainings) == 1:
@@ -342,7 +376,7 @@ def inspect_state_dict(
     else:
         assumed.append("training resolution (given)")
 
-    matches = _match_release(config, space, training)
+    matches = _match_release(config, space, training, distilled)
     return CheckpointInfo(
         path=str(path),
         file_format=layout,
@@ -350,8 +384,9 @@ def inspect_state_dict(
         space=space,
         candidates=candidates,
         training=training or "unknown",
+        distilled=distilled,
         released=matches[0].name if space is not None and training is not None and len(matches) == 1 else None,
-        parameters=sum(t.numel() for t in tensors.values()),
+        parameters=sum(t.numel() for t in network_tensors(tensors).values()),
         storage_dtype=str(next(iter(tensors.values())).dtype).replace("torch.", ""),
         detected=tuple(detected),
         assumed=tuple(assumed),

@@ -119,6 +119,7 @@ class ReleasedCheckpoint:
     experiment: str  # the official folder name holding model_ema_bf16.pth
     network: NetworkConfig
     legacy: bool = False  # superseded by a v1.5 file but still in users' folders
+    distilled: bool = True  # False: an undistilled teacher (many steps with CFG; the same network shapes)
 
     @property
     def space(self) -> LatentSpace:
@@ -167,6 +168,20 @@ RELEASED_CHECKPOINTS: tuple[ReleasedCheckpoint, ...] = (
     ReleasedCheckpoint(
         "qwenimage_2kto4k_v1pt5", (LatentSpace.QWENIMAGE,), "2kto4k",
         "PiD_v1pt5_res2kto4k_sr4x_official_qwenimage_distill_4step", _v15(),
+    ),
+    # The undistilled v1.5 teachers (docs/checkpoints.md of the official repo): the students' networks, trained
+    # without distillation; sampled with DPM-Solver and classifier-free guidance (pid_core.teacher).
+    ReleasedCheckpoint(
+        "flux_2kto4k_v1pt5_undistilled", _FLUX, "2kto4k", "PiD_v1pt5_res2kto4k_sr4x_official_flux_undistilled",
+        _v15(), distilled=False,
+    ),
+    ReleasedCheckpoint(
+        "flux2_2kto4k_v1pt5_undistilled", (LatentSpace.FLUX2,), "2kto4k",
+        "PiD_v1pt5_res2kto4k_sr4x_official_flux2_undistilled", _v15(**_FLUX2_V15), distilled=False,
+    ),
+    ReleasedCheckpoint(
+        "qwenimage_2kto4k_v1pt5_undistilled", (LatentSpace.QWENIMAGE,), "2kto4k",
+        "PiD_v1pt5_res2kto4k_sr4x_official_qwenimage_undistilled", _v15(), distilled=False,
     ),
     # Legacy v1 2kto4k files (superseded by v1.5); same shapes as the v1 networks above.
     ReleasedCheckpoint(

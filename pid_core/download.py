@@ -30,15 +30,19 @@ TRAININGS = ("2k", "2kto4k")
 _STAGING = ".pid_download"
 
 
-def released_checkpoint(space: LatentSpace | str, training: str | None = None) -> ReleasedCheckpoint:
+def released_checkpoint(
+    space: LatentSpace | str, training: str | None = None, distilled: bool = True
+) -> ReleasedCheckpoint:
     """The current official checkpoint for a latent space and training resolution (legacy files are skipped);
-    ``training`` may be left out when the space has only one."""
+    ``training`` may be left out when the space has only one. ``distilled=False`` asks for the undistilled
+    teacher (released for flux, flux2 and qwenimage, 2kto4k)."""
     space = LatentSpace.parse(space)
     if training is not None and training not in TRAININGS:
         raise ValueError(f"Unknown training resolution {training!r}; choose one of: {', '.join(TRAININGS)}.")
-    matches = [c for c in RELEASED_CHECKPOINTS if space in c.spaces and not c.legacy]
+    matches = [c for c in RELEASED_CHECKPOINTS if space in c.spaces and not c.legacy and c.distilled == distilled]
     if not matches:
-        raise ValueError(f"NVIDIA released no PiD checkpoint for {space.value} latents.")
+        kind = "" if distilled else "undistilled "
+        raise ValueError(f"NVIDIA released no {kind}PiD checkpoint for {space.value} latents.")
     chosen = [c for c in matches if training in (None, c.training)]
     if len(chosen) != 1:
         options = " or ".join(c.training for c in matches)
@@ -63,10 +67,13 @@ def _gemma_file(variant: str) -> str:
     return GEMMA_FILES[variant]
 
 
-def download_pid(space: LatentSpace | str, training: str | None, models_dir: str | Path) -> Path:
+def download_pid(
+    space: LatentSpace | str, training: str | None, models_dir: str | Path, distilled: bool = True
+) -> Path:
     """The official PiD checkpoint for (space, training) at ``models_dir/pid/<experiment>/model_ema_bf16.pth``,
-    downloaded from nvidia/PiD unless it is already there. Returns its path."""
-    checkpoint = released_checkpoint(space, training)
+    downloaded from nvidia/PiD unless it is already there (``distilled=False``: the undistilled teacher). Returns
+    its path."""
+    checkpoint = released_checkpoint(space, training, distilled)
     filename = f"checkpoints/{checkpoint.experiment}/{PID_FILE}"
     return fetch(PID_REPO, filename, pid_destination(models_dir, checkpoint), PID_LICENCE)
 

@@ -22,6 +22,7 @@ from torch import Tensor
 
 # The student's timesteps (model config ``student_t_list``).
 STUDENT_T_LIST = (0.999, 0.866, 0.634, 0.342, 0.0)
+STUDENT_STEPS = 4  # what the students were distilled for
 MAX_STEPS = 8
 SCHEDULES = ("spread", "reference")
 TIMESCALE = 1000.0  # the network takes t * 1000
@@ -71,7 +72,7 @@ def sample(
     shape: Sequence[int],
     *,
     seed: int,
-    steps: int = 4,
+    steps: int = STUDENT_STEPS,
     schedule: str = "spread",
     device: torch.device | str | None = None,
     callback: StepCallback | None = None,

@@ -15,7 +15,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from pid_core import api, latents, layers, lq, network, sampler
+from pid_core import api, latents, layers, lq, network, sampler, teacher
 from pid_core.config import LatentSpace
 from pid_core.layers import RMSNorm
 
@@ -135,4 +135,21 @@ def qwenimage_std_typo() -> Iterator[None]:
     std[5] = 1.7078
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(latents._FORMATS, LatentSpace.QWENIMAGE, replace(fmt, std=tuple(std)))
+        yield
+
+
+@contextmanager
+def teacher_shift_dropped() -> Iterator[None]:
+    """The teacher's time steps without the timestep shift (uniform in t)."""
+    timesteps = teacher.teacher_timesteps
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(teacher, "teacher_timesteps", lambda steps, shift: timesteps(steps, 1.0))
+        yield
+
+
+@contextmanager
+def teacher_first_order_only() -> Iterator[None]:
+    """DPM-Solver++ without its second-order steps (plain DDIM-like updates)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(teacher, "SOLVER_ORDER", 1)
         yield

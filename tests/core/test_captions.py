@@ -13,8 +13,10 @@ from pid_core import captions
 from pid_core.__main__ import main
 from pid_core.captions import (
     CHI_PROMPT,
+    NEGATIVE_PROMPT,
     CaptionEncoder,
     CaptionTokenizer,
+    cached_caption_embedding,
     empty_caption_embedding,
     keep_positions,
     load_tokenizer,
@@ -152,6 +154,16 @@ def test_empty_caption_is_computed_once_and_cached_by_content(tmp_path, comfy_ge
     assert len(list(cache.glob("*.safetensors"))) == 2 and not torch.equal(first, second)
     fp32 = empty_caption_embedding(comfy_gemma, cache, dtype=torch.float32)  # another compute dtype, another entry
     assert fp32.dtype == torch.float32 and len(list(cache.glob("*.safetensors"))) == 3
+
+
+def test_negative_prompt_embedding_is_cached_beside_the_empty_caption(tmp_path, comfy_gemma, monkeypatch):
+    cache = tmp_path / "cache"
+    negative = cached_caption_embedding(comfy_gemma, NEGATIVE_PROMPT, cache)
+    torch.testing.assert_close(negative, CaptionEncoder.load(comfy_gemma).encode(NEGATIVE_PROMPT), rtol=0, atol=0)
+    empty = empty_caption_embedding(comfy_gemma, cache)
+    assert len(list(cache.glob("*.safetensors"))) == 2 and not torch.equal(negative, empty)
+    monkeypatch.setattr(CaptionEncoder, "load", lambda *a, **k: pytest.fail("Gemma loaded for a cached caption"))
+    torch.testing.assert_close(cached_caption_embedding(comfy_gemma, NEGATIVE_PROMPT, cache), negative, rtol=0, atol=0)
 
 
 def test_cache_dir_default_and_damaged_entries(tmp_path, comfy_gemma, monkeypatch):

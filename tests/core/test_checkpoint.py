@@ -14,7 +14,9 @@ from pid_core.checkpoint import (
     canonical_state_dict,
     check_keys,
     detect_network,
+    inspect_state_dict,
     load_checkpoint,
+    network_tensors,
 )
 from pid_core.config import RELEASED_CHECKPOINTS, LatentSpace, released
 from pid_core.network import PiDNetwork
@@ -50,6 +52,25 @@ def test_official_layout_loads_strictly(name):
     expected = {k: v.shape for k, v in net.state_dict().items()}
     check_keys(tensors, expected, name)  # raises on any missing, unexpected or mis-shaped key
     net.load_state_dict(tensors, strict=True, assign=True)
+
+
+# The undistilled v1.5 teachers: the students' keys plus the training-only auxiliary RGB head (467 tensors).
+AUX_HEAD = {"0.weight": [1024], "0.bias": [1024], "1.weight": [1024, 1024], "1.bias": [1024], "3.weight": [48, 1024],
+            "3.bias": [48]}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["flux_2kto4k_v1pt5", "flux2_2kto4k_v1pt5", "qwenimage_2kto4k_v1pt5"])
+def test_official_teacher_layout_is_recognised_and_loads_strictly(name):
+    tensors = official_meta_state_dict(name)
+    tensors |= {f"lq_proj.lq_aux_rgb_head.{k}": torch.empty(shape, device="meta") for k, shape in AUX_HEAD.items()}
+    assert len(tensors) == 467
+    folder = released(name).experiment.replace("distill_4step", "undistilled")
+    info = inspect_state_dict(tensors, f"{folder}/model_ema_bf16.pth", "pth")
+    assert not info.distilled and info.released == f"{name}_undistilled"
+    assert released(info.released).experiment == folder
+    with torch.device("meta"):
+        net = PiDNetwork(info.config)
+    check_keys(network_tensors(tensors), {k: v.shape for k, v in net.state_dict().items()}, name)
 
 
 def test_released_table_covers_the_release():
