@@ -23,7 +23,7 @@ import comfy.model_patcher
 import comfy.ops
 import folder_paths
 
-from ..pid_core.captions import CaptionTokenizer, encode_captions, load_tokenizer
+from ..pid_core.captions import NEGATIVE_PROMPT, CaptionTokenizer, encode_captions, load_tokenizer
 from ..pid_core.gemma import TOKENIZER_KEY, build_gemma, gemma_weights_from_state_dict, read_gemma
 from .common import CATEGORY, NODE_PREFIX
 
@@ -37,6 +37,7 @@ COMPUTE_DTYPE = torch.bfloat16
 # "gemma2_2b.transformer.model."); the Gemma weights are what lies under the prefix of this key.
 _EMBEDDING_KEY = "model.embed_tokens.weight"
 _CLIP_NAME = "The connected CLIP"
+NEGATIVE_CAPTION_KEY = "pid_negative_caption"
 
 
 @contextmanager
@@ -49,12 +50,13 @@ def _warnings_to_log():
         log.warning("PiD Caption: %s", warning.message)
 
 
-def _encode(model, tokenizer: CaptionTokenizer, text: str, device) -> torch.Tensor:
-    embedding = encode_captions(model, tokenizer, [text], COMPUTE_DTYPE, device=device)
-    return embedding.to(mm.intermediate_device())
+def _encode(model, tokenizer: CaptionTokenizer, texts: list[str], device) -> list[torch.Tensor]:
+    """Each text on its own (a batch would pad them to one length and change their rounding)."""
+    return [encode_captions(model, tokenizer, [text], COMPUTE_DTYPE, device=device).to(mm.intermediate_device())
+            for text in texts]  # fmt: skip
 
 
-def _encode_with_file(gemma_name: str, text: str) -> torch.Tensor:
+def _encode_with_file(gemma_name: str, texts: list[str]) -> list[torch.Tensor]:
     """Our encoder on a Gemma-2 file, handed to ComfyUI's model management for the time of the encode."""
     path = folder_paths.get_full_path_or_raise(TEXT_ENCODERS, gemma_name)
     with _warnings_to_log():
@@ -66,7 +68,7 @@ def _encode_with_file(gemma_name: str, text: str) -> torch.Tensor:
         model, load_device=mm.text_encoder_device(), offload_device=mm.text_encoder_offload_device()
     )
     mm.load_models_gpu([patcher])
-    return _encode(model, tokenizer, text, patcher.load_device)
+    return _encode(model, tokenizer, texts, patcher.load_device)
 
 
 def _gemma_prefix(state_dict: dict[str, torch.Tensor]) -> str:
@@ -83,7 +85,7 @@ def _gemma_prefix(state_dict: dict[str, torch.Tensor]) -> str:
     )
 
 
-def _encode_with_clip(clip, text: str) -> torch.Tensor:
+def _encode_with_clip(clip, texts: list[str]) -> list[torch.Tensor]:
     """Our encoder built on the CLIP's own tensors, where ComfyUI's model management put them (not copied)."""
     prefix = _gemma_prefix(clip.get_sd())  # refuse another encoder before loading it
     clip.load_model()  # as CLIPTextEncode does: the CLIP's patcher loads its weights (with any LoRA patches)
@@ -97,7 +99,7 @@ def _encode_with_clip(clip, text: str) -> torch.Tensor:
     # stored as the CLIP stores them (float8 weights of a scaled-fp8 CLIP are dequantized), computed in bf16
     storage = weights.state_dict["embed_tokens.weight"].dtype
     model = build_gemma(weights, storage, device=None, operations=comfy.ops.manual_cast)
-    return _encode(model, tokenizer, text, clip.patcher.load_device)
+    return _encode(model, tokenizer, texts, clip.patcher.load_device)
 
 
 class PiDCaption(io.ComfyNode):
@@ -110,7 +112,8 @@ class PiDCaption(io.ComfyNode):
             description=(
                 "Encodes a caption for PiD Decode with Gemma-2-2B-it exactly as PiD was trained: its system prompt "
                 "plus the caption, 300 positions, Gemma's final layer. Give either a Gemma-2 file (gemma_name) or a "
-                "CLIP loaded from one; an empty text gives the empty caption PiD saw in training."
+                "CLIP loaded from one; an empty text gives the empty caption PiD saw in training. The negative prompt's "
+                "encoding comes along for the guidance of undistilled checkpoints."
             ),
             inputs=[
                 io.String.Input(
@@ -144,6 +147,11 @@ class PiDCaption(io.ComfyNode):
                 "PiD Caption needs Gemma-2-2B-it: pick gemma_2_2b_it_elm_bf16.safetensors in gemma_name, or connect "
                 "a CLIP loaded from it (Load CLIP, type lumina2)."
             )
-        embedding = _encode_with_clip(clip, text) if clip is not None else _encode_with_file(gemma_name, text)
+        # the negative prompt's embedding rides along: undistilled checkpoints guide away from it
+        texts = [text, NEGATIVE_PROMPT]
+        if clip is not None:
+            embedding, negative = _encode_with_clip(clip, texts)
+        else:
+            embedding, negative = _encode_with_file(gemma_name, texts)
         log.info("PiD Caption: %d characters -> caption %s", len(text), tuple(embedding.shape))
-        return io.NodeOutput([[embedding, {"pid_caption": True}]])
+        return io.NodeOutput([[embedding, {"pid_caption": True, NEGATIVE_CAPTION_KEY: negative}]])

@@ -16,9 +16,11 @@ import comfy.utils
 from ..pid_core.api import decode, output_shape, plan_decode
 from ..pid_core.config import LatentSpace
 from ..pid_core.memory import SAFETY
-from ..pid_core.sampler import MAX_STEPS
+from ..pid_core.sampler import MAX_STEPS, STUDENT_STEPS
+from ..pid_core.teacher import MAX_TEACHER_STEPS, TEACHER_CFG, TEACHER_STEPS
 from ..pid_core.tiling import TILING_MODES
 from . import metadata
+from .caption import NEGATIVE_CAPTION_KEY
 from .common import CATEGORY, NODE_PREFIX, PiDDecoderType
 
 log = logging.getLogger("comfyui-pid")
@@ -32,11 +34,13 @@ def _size(choice: str) -> str | int:
     return "native" if choice == SIZES[0] else int(choice)
 
 
-def _caption(conditioning) -> torch.Tensor | None:
-    """PiD Caption's output, or any CONDITIONING whose tensor is [B, 300, D] (newer ComfyUI's pixeldit encoder)."""
+def _caption(conditioning) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The caption and the negative prompt's embedding that PiD Caption brings along (for undistilled checkpoints),
+    from PiD Caption's output or any CONDITIONING whose tensor is [B, 300, D] (newer ComfyUI's pixeldit encoder)."""
     if not conditioning:
-        return None
-    return conditioning[0][0]
+        return None, None
+    embedding, extra = conditioning[0][0], conditioning[0][1]
+    return embedding, extra.get(NEGATIVE_CAPTION_KEY)
 
 
 def _preview(x0: torch.Tensor) -> tuple[str, Image.Image, int]:
@@ -79,7 +83,8 @@ class PiDDecode(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "Decodes a latent straight to a large picture (4x its VAE size, or a 2048/4096 long side) with PiD's "
-                "4-step pixel diffusion. Takes clean latents and early-exit latents from PiD KSampler alike."
+                "4-step pixel diffusion (undistilled checkpoints: 25 steps with guidance, for the best pictures). "
+                "Takes clean latents and early-exit latents from PiD KSampler alike."
             ),
             inputs=[
                 PiDDecoderType.Input("pid_decoder", tooltip="From Load PiD Decoder."),
@@ -89,8 +94,11 @@ class PiDDecode(io.ComfyNode):
                     tooltip="native 4x: 4 times the VAE's picture size (8x for SigLIP); 2048/4096: that long side, "
                     "keeping the aspect ratio. 2k checkpoints are best at 2048, 2kto4k ones up to 4096.",
                 ),
-                io.Int.Input("steps", default=4, min=1, max=MAX_STEPS,
-                             tooltip="PiD's distilled steps; 4 is what it was trained for."),
+                io.Int.Input(
+                    "steps", default=0, min=0, max=MAX_TEACHER_STEPS,
+                    tooltip=f"0: the checkpoint's own, {STUDENT_STEPS} for the distilled students (at most "
+                    f"{MAX_STEPS}), {TEACHER_STEPS} for undistilled checkpoints.",
+                ),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of PiD's pixel noise (same seed, same picture on any device)."),
                 io.Float.Input(
@@ -117,21 +125,32 @@ class PiDDecode(io.ComfyNode):
                     tooltip="Tile side in pixels, a multiple of 16, used when tiling; 0 picks the largest that fits "
                     "(at most 1024 px when tiling is on). Tiles overlap by a quarter and blend without seams.",
                 ),
+                io.Float.Input(
+                    "cfg", default=0.0, min=0.0, max=30.0, step=0.1, optional=True,
+                    tooltip=f"Guidance of undistilled checkpoints towards the caption and away from PiD's negative "
+                    f"prompt; 0: the official {TEACHER_CFG:g}; 1: none (half the work). Distilled checkpoints run "
+                    "without guidance and ignore it.",
+                ),
             ],
             outputs=[io.Image.Output(display_name="image")],
         )
 
     @classmethod
     def execute(
-        cls, pid_decoder, latent, size, steps, seed, sigma, latent_space, caption=None, tiling="auto", tile_size=0
+        cls, pid_decoder, latent, size, steps, seed, sigma, latent_space, caption=None, tiling="auto", tile_size=0,
+        cfg=0.0,
     ) -> io.NodeOutput:
         sigmas, space = _latent_inputs(latent, sigma, latent_space)
         samples, tile_size = latent["samples"], tile_size or None
         patcher = pid_decoder.patcher
         height, width = output_shape(patcher.model, samples, space=space, size=_size(size), info=pid_decoder.info)
-        needed = _memory_to_ask(patcher, height, width, samples.shape[0], tiling, tile_size)
+        embedding, negative = _caption(caption)
+        distilled = pid_decoder.info.distilled
+        guided = not distilled and embedding is not None and (cfg or TEACHER_CFG) != 1  # both branches per call
+        needed = _memory_to_ask(patcher, height, width, samples.shape[0] * (1 + guided), tiling, tile_size)
         mm.load_models_gpu([patcher], memory_required=needed)
         device = patcher.load_device
+        steps = steps or (STUDENT_STEPS if distilled else TEACHER_STEPS)
         pbar = comfy.utils.ProgressBar(steps)
 
         def network_call(step: int, done: int, calls: int) -> None:
@@ -146,7 +165,8 @@ class PiDDecode(io.ComfyNode):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             image = decode(
-                patcher.model, samples, space=space, sigma=sigmas, caption=_caption(caption),
+                patcher.model, samples, space=space, sigma=sigmas, caption=embedding, negative_caption=negative,
+                cfg=cfg or None,
                 size=_size(size), steps=steps, seed=seed, info=pid_decoder.info, callback=step_done,
                 device=device, tiling=tiling, tile_size=tile_size,
                 memory_budget=int(mm.get_free_memory(device) * SAFETY), call_callback=network_call,

@@ -143,7 +143,8 @@ def parser() -> argparse.ArgumentParser:
                      "without --gemma; with --gemma it is encoded)")
     dec.add_argument("--cfg", type=float, help=f"guidance of undistilled checkpoints (default {TEACHER_CFG:g}; 1: none)")
     dec.add_argument("--shift", type=float, help="timestep shift of undistilled checkpoints (default: from the size)")
-    dec.add_argument("--precision", choices=tuple(PRECISIONS), default="bf16", help="weights in bf16, or fp32 (the reference's fp32 run to rounding)")
+    dec.add_argument("--precision", choices=tuple(PRECISIONS), default="bf16",
+                     help="weights in bf16, or fp32 (the reference's fp32 run to rounding)")
     dec.add_argument(
         "--schedule", choices=SCHEDULES, default="spread",
         help="timesteps for 5-8 steps: 'spread' (default) interpolates distinct ones, 'reference' repeats some as the "

@@ -319,8 +319,8 @@ def decode(
 
     Runs on ``device`` (default: where the weights are), computing in ``compute_dtype`` (default: see
     :func:`pid_core.runtime.default_compute_dtype`; bf16 runs under autocast as the reference does, fp32 follows
-    the reference's fp32 run to rounding) with the ``attention`` kernel (see :mod:`pid_core.runtime`, which also tells how a call with
-    NaN/inf output is redone). ``info`` (from loading)
+    the reference's fp32 run to rounding) with the ``attention`` kernel (see :mod:`pid_core.runtime`, which also
+    tells how a call with NaN/inf output is redone). ``info`` (from loading)
     lets the latent space and training range be checked; ``callback(step, total, x0)`` reports progress and
     may raise to cancel. ``tiling``, ``tile_size`` and ``memory_budget`` choose whole or tiled decoding (see
     :func:`plan_decode`); ``call_callback(step, done, total)`` runs after each network call, one per group of
@@ -331,7 +331,8 @@ def decode(
     (``schedule`` applies to it). An undistilled teacher runs :func:`pid_core.teacher.sample_teacher`: ``steps``
     (default 25), classifier-free guidance ``cfg`` (default 5; 1 turns it off) against ``negative_caption``, the
     embedding of :data:`pid_core.captions.NEGATIVE_PROMPT` as the reference uses (needed with a caption), and the
-    timestep ``shift`` (default: from the picture size). Both branches of the guidance go through the network together when memory allows.
+    timestep ``shift`` (default: from the picture size). Both branches of the guidance go through the network
+    together when memory allows.
     """
     z = _network_latent(network, latent, space, sigma, flux2_bn, info)
     distilled = info is None or info.distilled

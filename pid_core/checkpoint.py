@@ -326,7 +326,9 @@ def _match_release(
     ]
 
 
-def _distilled(tensors: dict[str, torch.Tensor], path: str | os.PathLike, detected: list[str], assumed: list[str]) -> bool:
+def _distilled(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, detected: list[str], assumed: list[str]
+) -> bool:
     """Teachers carry the training-only auxiliary RGB head (students were saved without it); where the weights do
     not say, the name does; else a student, which is what most files are."""
     if any(k.startswith(TRAINING_ONLY_PREFIXES) for k in tensors):

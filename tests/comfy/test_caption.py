@@ -21,7 +21,7 @@ from tiny import tiny_network
 from tiny_gemma import random_weights, tokenizer_model, write_comfy, write_comfy_fp8
 
 from pid_core.api import PiDDecoder
-from pid_core.captions import CAPTION_LENGTH, CaptionEncoder, CaptionTokenizer, tokenize_captions
+from pid_core.captions import CAPTION_LENGTH, NEGATIVE_PROMPT, CaptionEncoder, CaptionTokenizer, tokenize_captions
 from pid_core.gemma import GemmaConfig, build_gemma, gemma_weights_from_state_dict
 
 CAPTION = "A red fox jumps over the lazy dog near a quiet river at sunset."
@@ -36,6 +36,8 @@ GEMMA_IT = "pidtest-caption-gemma-2-tiny-it.safetensors"
 GEMMA_FP8 = "pidtest-caption-gemma-2-tiny-it_fp8_scaled.safetensors"
 GEMMA_BASE = "pidtest-caption-gemma-2-tiny-base.safetensors"  # same weights, a name that does not say -it
 FLUX_PID = "pidtest-caption/PiD_res2k_sr4x_official_flux_distill_4step/model_ema_bf16.pth"
+# a tiny v1.5 teacher: the student's network plus the training-only aux RGB head that marks undistilled files
+TEACHER_PID = "pidtest-caption/PiD_v1pt5_res2kto4k_sr4x_official_flux_undistilled/model_ema_bf16.pth"
 LATENT_SIDE = 32  # px of the empty latent: 4x4 Flux cells, decoded to 128x128
 
 
@@ -50,7 +52,13 @@ def models(comfy_server) -> dict[str, Path]:
     pid = comfy_server.models_dir / "pid" / FLUX_PID
     pid.parent.mkdir(parents=True, exist_ok=True)
     torch.save({f"net.{k}": v.to(torch.bfloat16) for k, v in tiny_network("flux_2k", seed=0).state_dict().items()}, pid)
-    return {"it": encoders / GEMMA_IT, "fp8": encoders / GEMMA_FP8, "pid": pid}
+    teacher = comfy_server.models_dir / "pid" / TEACHER_PID
+    teacher.parent.mkdir(parents=True, exist_ok=True)
+    tensors = tiny_network("flux_2kto4k_v1pt5", seed=4).state_dict()
+    aux = {"0.weight": [32], "0.bias": [32], "1.weight": [32, 32], "1.bias": [32], "3.weight": [48, 32], "3.bias": [48]}
+    tensors |= {f"lq_proj.lq_aux_rgb_head.{k}": torch.randn(shape) for k, shape in aux.items()}
+    torch.save({f"net.{k}": v.to(torch.bfloat16) for k, v in tensors.items()}, teacher)
+    return {"it": encoders / GEMMA_IT, "fp8": encoders / GEMMA_FP8, "pid": pid, "teacher": teacher}
 
 
 # --- graphs and records ---------------------------------------------------------------------------------------
@@ -78,13 +86,14 @@ def save(g: Graph, conditioning: str, name: str) -> None:
     g.node("PiDTestSaveConditioning", conditioning=out(conditioning), name=name)
 
 
-def decode(g: Graph, conditioning: str | None, seed: int = 0) -> str:
-    loader = g.node("PixelDecoderPiD_LoadDecoder", pid_name=FLUX_PID, latent_space="auto", weight_dtype="bf16",
+def decode(g: Graph, conditioning: str | None, seed: int = 0, pid_name: str = FLUX_PID, steps: int = 1,
+           **optional) -> str:
+    loader = g.node("PixelDecoderPiD_LoadDecoder", pid_name=pid_name, latent_space="flux", weight_dtype="bf16",
                     vae_name="none")
     latent = g.node("EmptySD3LatentImage", width=LATENT_SIDE, height=LATENT_SIDE, batch_size=1)
-    extra = {"caption": out(conditioning)} if conditioning else {}
-    return g.node("PixelDecoderPiD_Decode", pid_decoder=out(loader), latent=out(latent), size="native 4x", steps=1,
-                  seed=seed, sigma=0.0, latent_space="auto", **extra)
+    extra = ({"caption": out(conditioning)} if conditioning else {}) | optional
+    return g.node("PixelDecoderPiD_Decode", pid_decoder=out(loader), latent=out(latent), size="native 4x",
+                  steps=steps, seed=seed, sigma=0.0, latent_space="auto", **extra)
 
 
 def record(server, name: str) -> tuple[torch.Tensor, dict]:
@@ -92,6 +101,11 @@ def record(server, name: str) -> tuple[torch.Tensor, dict]:
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         return tensors.get("cond", tensors.get("image")), json.loads((f.metadata() or {}).get("json", "{}"))
+
+
+def negative_caption(server, name: str) -> torch.Tensor:
+    with safe_open(str(server.output_dir / "pidtest-tensors" / f"{name}.safetensors"), framework="pt") as f:
+        return f.get_tensor("pid_negative_caption")
 
 
 def fails_with(server, prompt: dict, node_type: str, *fragments: str) -> str:
@@ -129,9 +143,11 @@ def test_caption_through_a_gemma_clip_equals_pid_core_and_the_gemma_file(comfy_s
     through_clip, meta = record(comfy_server, f"cap-clip-{variant}")
     through_file, _ = record(comfy_server, f"cap-file-{variant}")
     other, _ = record(comfy_server, f"cap-other-{variant}")
-    reference, reference_other = expected(models[variant], CAPTION, OTHER)
+    reference, reference_other, negative = expected(models[variant], CAPTION, OTHER, NEGATIVE_PROMPT)
 
     assert meta == {"entries": 1, "pid_caption": True}
+    for way in ("clip", "file"):  # the negative prompt's embedding rides along, for undistilled checkpoints
+        assert torch.equal(negative_caption(comfy_server, f"cap-{way}-{variant}"), negative)
     assert through_clip.shape == (1, CAPTION_LENGTH, HIDDEN) and through_clip.dtype == torch.bfloat16
     assert torch.equal(through_clip, reference)
     assert torch.equal(through_file, reference)
@@ -186,6 +202,34 @@ def test_caption_and_a_plain_300_token_conditioning_feed_pid_decode(comfy_server
     assert torch.equal(decoded_ours, reference(embedding))
     assert torch.equal(decoded_plain, reference(record(comfy_server, "cap-plain")[0]))
     assert not torch.equal(decoded_ours, decoded_plain)
+
+
+def test_an_undistilled_checkpoint_decodes_with_guidance_against_the_negative_prompt(comfy_server, models):
+    """PiD Decode on a teacher: its own steps (0 = auto: 25) and cfg 5 by default, the negative prompt's embedding
+    from PiD Caption; equal to pid_core's teacher decode. cfg 1 runs without guidance; guidance without a negative
+    prompt (a plain conditioning) is a clear error."""
+    g = Graph()
+    ours = caption(g, CAPTION, gemma_name=GEMMA_IT)
+    g.node("PiDTestSave", name="teacher-auto", image=out(decode(g, ours, pid_name=TEACHER_PID, steps=0)))
+    g.node("PiDTestSave", name="teacher-cfg1", image=out(decode(g, ours, pid_name=TEACHER_PID, steps=3, cfg=1.0)))
+    comfy_server.run(g)
+
+    decoder = PiDDecoder.load(models["teacher"], space="flux")
+    assert not decoder.info.distilled
+    latent = torch.zeros(1, 16, LATENT_SIDE // 8, LATENT_SIDE // 8)
+    embedding, negative = expected(models["it"], CAPTION, NEGATIVE_PROMPT)
+
+    def reference(**kwargs) -> torch.Tensor:
+        image = decoder.decode(latent, sigma=0.0, caption=embedding, negative_caption=negative, seed=0, **kwargs)
+        return ((image + 1) * 0.5).permute(0, 2, 3, 1)
+
+    assert torch.equal(record(comfy_server, "teacher-auto")[0], reference())  # 25 steps, cfg 5
+    assert torch.equal(record(comfy_server, "teacher-cfg1")[0], reference(steps=3, cfg=1.0))
+
+    g = Graph()
+    plain = g.node("PiDTestCaptionConditioning", batch=1, tokens=CAPTION_LENGTH, width=HIDDEN, seed=5)
+    g.node("PiDTestSave", name="teacher-plain", image=out(decode(g, plain, pid_name=TEACHER_PID, steps=2)))
+    fails_with(comfy_server, g, "PixelDecoderPiD_Decode", "negative prompt's embedding", "PiD Caption", "cfg to 1")
 
 
 def test_conditioning_of_the_wrong_width_is_refused(comfy_server, models):

@@ -762,7 +762,8 @@ DOCUMENTED = {
     ),
     "PixelDecoderPiD_TagLatent": (["latent", "latent_space", "sigma"], ["sigmas", "model"], ["LATENT", "FLOAT"]),
     "PixelDecoderPiD_Decode": (
-        ["pid_decoder", "latent", "size", "steps", "seed", "sigma", "latent_space"], ["caption", "tiling", "tile_size"],
+        ["pid_decoder", "latent", "size", "steps", "seed", "sigma", "latent_space"],
+        ["caption", "tiling", "tile_size", "cfg"],
         ["IMAGE"],
     ),
     "PixelDecoderPiD_EncodeImage": (["pid_decoder", "image"], [], ["LATENT"]),

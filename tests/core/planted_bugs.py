@@ -42,7 +42,8 @@ def timestep_period_10000() -> Iterator[None]:
 def rope_integer_positions() -> Iterator[None]:
     """2-D RoPE at integer patch positions 0..n-1 instead of ``linspace(0, 16, n)``."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(layers, "torch", _TorchWith(linspace=lambda start, end, steps: torch.arange(steps, dtype=torch.float32)))
+        integers = _TorchWith(linspace=lambda start, end, steps: torch.arange(steps, dtype=torch.float32))
+        mp.setattr(layers, "torch", integers)
         yield
 
 

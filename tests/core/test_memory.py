@@ -114,7 +114,8 @@ def test_chunked_pixel_block_equals_the_whole_block(autocast):
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         whole = block(x, cond, rope, batch)
         for chunk in (16, 20, 37, 64):
-            (BF16 if autocast else FP32).check(block(x, cond, rope, batch, chunk=chunk).float(), whole.float(), f"chunk {chunk}")
+            chunked = block(x, cond, rope, batch, chunk=chunk)
+            (BF16 if autocast else FP32).check(chunked.float(), whole.float(), f"chunk {chunk}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

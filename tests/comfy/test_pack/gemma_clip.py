@@ -100,7 +100,8 @@ class PiDTestSaveConditioning(io.ComfyNode):
             node_id="PiDTestSaveConditioning",
             display_name="PiD Test: Save Conditioning",
             category=CATEGORY,
-            description="Writes the first tensor of a CONDITIONING as it is (dtype kept) and its other keys as JSON "
+            description="Writes the first tensor of a CONDITIONING as it is (dtype kept), its tensor-valued keys "
+            "beside it, and its other keys as JSON "
             "to output/pidtest-tensors/<name>.safetensors. For tests only.",
             inputs=[io.Conditioning.Input("conditioning"), io.String.Input("name", default="conditioning")],
             outputs=[],
@@ -111,7 +112,8 @@ class PiDTestSaveConditioning(io.ComfyNode):
     def execute(cls, conditioning, name: str) -> io.NodeOutput:
         tensor, extra = conditioning[0]
         plain = {k: v for k, v in extra.items() if isinstance(v, (bool, int, float, str, type(None)))}
-        write_record(name, {"cond": tensor}, {"entries": len(conditioning), **plain})
+        tensors = {k: v for k, v in extra.items() if isinstance(v, torch.Tensor)}
+        write_record(name, {"cond": tensor, **tensors}, {"entries": len(conditioning), **plain})
         return io.NodeOutput()
 
 
