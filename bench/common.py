@@ -23,12 +23,13 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from pid_core.config import NetworkConfig, released  # noqa: E402
+from pid_core.checkpoint import CheckpointInfo  # noqa: E402
+from pid_core.config import LatentSpace, NetworkConfig, released  # noqa: E402
 from pid_core.memory import estimate, weight_bytes  # noqa: E402
 from pid_core.network import PiDNetwork  # noqa: E402
 
 VARIANT = "flux_2k"  # the full-size network the benchmarks use (v1, 16-channel Flux latents)
-MODES = ("ours", "reference")
+MODES = ("ours", "reference", "teacher")
 
 
 def peak_rss() -> int:
@@ -39,7 +40,7 @@ def peak_rss() -> int:
 def reference_estimate(size: int) -> int:
     """Our estimate of a reference-style decode of a ``size`` x ``size`` output, in bytes: fp32 weights, bf16 autocast,
     unchunked and untiled, plus the bf16 copy of every weight that autocast caches beside them (see :func:`measure`)."""
-    config = released(VARIANT).network
+    config = released(variant).network
     run = estimate(config, size, size, weight_dtype=torch.float32, compute_dtype=torch.bfloat16, pixel_chunk=None)
     return run.total + weight_bytes(config, torch.bfloat16)
 
@@ -87,6 +88,7 @@ def measure(
     weights: str | None = None,
     seed: int = 0,
     save: str | None = None,
+    variant: str = VARIANT,
 ) -> dict:
     """One decode of a ``size`` x ``size`` output; returns timings, peak memory and the plan.
 
@@ -97,21 +99,25 @@ def measure(
     requires grad for as long as its region lasts, so a bf16 copy of all weights sits beside the fp32 ones by the
     end of a network call, as in the official run. (Checked against the official code itself run on the CPU by
     the reference runner: see the README's performance section.)
+    "teacher": as "ours", on ``variant``'s network decoded as an undistilled teacher (guidance 5 against a random
+    negative caption, ``steps`` DPM-Solver steps).
     """
     from pid_core.api import decode, plan_decode
 
     if mode not in MODES:
         raise ValueError(f"Unknown mode {mode!r}; use one of {MODES}.")
     torch.manual_seed(seed)
-    config = released(VARIANT).network
+    config = released(variant).network
     cells = size // (config.latent_down * config.sr_scale)
     latent = torch.randn(1, config.latent_channels, cells, cells, generator=torch.Generator().manual_seed(seed))
     gen = torch.Generator().manual_seed(seed + 1)
     caption = 0.1 * torch.randn(1, config.txt_max_length, config.txt_embed_dim, generator=gen)
+    teacher = mode == "teacher"
+    guidance = dict(info=undistilled_info(config), negative_caption=0.1 * torch.randn_like(caption)) if teacher else {}
     baseline = peak_rss()
 
     start = time.perf_counter()
-    dtype = torch.bfloat16 if mode == "ours" else torch.float32
+    dtype = torch.float32 if mode == "reference" else torch.bfloat16
     space = "flux"
     operations = TORCH_LAYERS if mode == "reference" else None
     if weights:
@@ -128,12 +134,13 @@ def measure(
     if mode == "reference":
         network.pixel_chunk = None
         tiling, tile_size, memory_budget = "off", None, None
-    plan = plan_decode(network, size, size, tiling=tiling, tile_size=tile_size, memory_budget=memory_budget,
-                       compute_dtype=torch.bfloat16)
+    plan = plan_decode(network, size, size, batch=2 if teacher else 1, tiling=tiling, tile_size=tile_size,
+                       memory_budget=memory_budget, compute_dtype=torch.bfloat16)
 
     start, cpu_start = time.perf_counter(), time.process_time()
     image = decode(network, latent, space=space, sigma=0.0, caption=caption, size="native", steps=steps, seed=seed,
-                   tiling=tiling, tile_size=tile_size, memory_budget=memory_budget, compute_dtype=torch.bfloat16)
+                   tiling=tiling, tile_size=tile_size, memory_budget=memory_budget, compute_dtype=torch.bfloat16,
+                   **guidance)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     if save:
         torch.save(image, save)
@@ -146,9 +153,10 @@ def measure(
         "build_seconds": build_seconds,
         "peak_bytes": peak_rss() - baseline,
         "build_peak_bytes": after_build - baseline,
-        "estimate_bytes": plan.memory.total if mode == "ours" else reference_estimate(size),
+        "estimate_bytes": reference_estimate(size) if mode == "reference" else plan.memory.total,
         # our planner's description would leave out autocast's weight copies of a reference-style run
-        "plan": plan.describe() if mode == "ours" else f"{size}x{size} px whole, unchunked, fp32 weights + bf16 copies",
+        "plan": (f"{size}x{size} px whole, unchunked, fp32 weights + bf16 copies" if mode == "reference"
+                 else plan.describe()),
         "tiles": plan.tiles.count if plan.tiles else 1,
         "tiling": plan.tiles.describe() if plan.tiles else "whole",
         "tile_pixels": list(plan.tiles.tile_pixels) if plan.tiles else None,
@@ -156,6 +164,13 @@ def measure(
         "tile_cols": [c * 16 for c in plan.tiles.cols] if plan.tiles else None,
         "threads": torch.get_num_threads(),
     }
+
+
+def undistilled_info(config: NetworkConfig) -> CheckpointInfo:
+    """What loading an undistilled Flux checkpoint of ``config`` would report (the benchmarks build random ones)."""
+    return CheckpointInfo(path="random weights", file_format="safetensors", config=config, space=LatentSpace.FLUX,
+                          candidates=(LatentSpace.FLUX,), training="2kto4k", distilled=False, released=None,
+                          parameters=0, storage_dtype="bfloat16")  # fmt: skip
 
 
 def measure_in_subprocess(timeout: float | None = None, **kwargs) -> dict:
