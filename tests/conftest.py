@@ -1,14 +1,14 @@
 """A real ComfyUI server with this pack installed, shared by the tests that drive it over HTTP.
 
-``comfy_server`` (session scope) starts ComfyUI 0.3.75 from ``.comfyui/ComfyUI`` with ``.venv``'s
-python (both made by ``scripts/setup_env.sh``; ``scripts/test.sh`` runs it first) on a free
-loopback port, with a fresh base directory under pytest's tmp. That directory's ``custom_nodes``
-links the pack root as ``comfyui-pid`` and ``tests/comfy/test_pack`` (tiny random models,
-conditioning without a text encoder, stand-ins for the stock loaders, random VAE files), and it has
-the model folders every test writes into. The server starts once per session (5-10 s, only when a
-test asks for it) and serves both ``tests/comfy`` and ``tests/workflows``; it is stopped at the end.
-Every test in those two folders is marked ``comfy``, so ``-m "not comfy"`` runs the rest of the suite
-without a server. ``tests/workflows/build_workflows.py`` starts the same server with :func:`start_server`.
+``comfy_server`` (session scope) starts ComfyUI 0.3.75 from ``.comfyui/ComfyUI`` with ``.venv``'s python, or
+with ``PID_COMFYUI=0.33`` ComfyUI 0.33.0 from ``.comfyui-0.33/ComfyUI`` with ``.venv-comfyui-0.33``'s (each made
+by ``scripts/setup_env.sh [--comfyui 0.33]``; ``scripts/test.sh`` runs it first), on a free loopback port, with a
+fresh base directory under pytest's tmp. That directory's ``custom_nodes`` links the pack root as ``comfyui-pid``
+and ``tests/comfy/test_pack`` (tiny random models, conditioning without a text encoder, stand-ins for the stock
+loaders, random VAE files), and it has the model folders every test writes into. The server starts once per
+session (5-10 s, only when a test asks for it) and serves both ``tests/comfy`` and ``tests/workflows``; it is
+stopped at the end. Every test in those two folders is marked ``comfy``, so ``-m "not comfy"`` runs the rest of
+the suite without a server. ``tests/workflows/build_workflows.py`` starts the same server with :func:`start_server`.
 
 Tests get a :class:`ComfyClient`::
 
@@ -42,8 +42,16 @@ import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
-COMFYUI_DIR = REPO_ROOT / ".comfyui" / "ComfyUI"
-VENV_PYTHON = REPO_ROOT / ".venv" / "bin" / "python"
+# The ComfyUI the server tests run against (scripts/setup_env.sh [--comfyui 0.33] makes each); PID_COMFYUI picks it.
+COMFYUI_ENVIRONMENTS = {
+    "0.3.75": (REPO_ROOT / ".comfyui" / "ComfyUI", REPO_ROOT / ".venv" / "bin" / "python"),
+    "0.33.0": (REPO_ROOT / ".comfyui-0.33" / "ComfyUI", REPO_ROOT / ".venv-comfyui-0.33" / "bin" / "python"),
+}
+_CHOSEN = os.environ.get("PID_COMFYUI", "0.3.75")
+COMFYUI_VERSION = {"0.33": "0.33.0"}.get(_CHOSEN, _CHOSEN)
+if COMFYUI_VERSION not in COMFYUI_ENVIRONMENTS:
+    raise pytest.UsageError(f"PID_COMFYUI={COMFYUI_VERSION!r}: choose one of {', '.join(COMFYUI_ENVIRONMENTS)}.")
+COMFYUI_DIR, VENV_PYTHON = COMFYUI_ENVIRONMENTS[COMFYUI_VERSION]
 TEST_PACK_DIR = TESTS_DIR / "comfy" / "test_pack"
 SERVER_TEST_DIRS = (TESTS_DIR / "comfy", TESTS_DIR / "workflows")  # their tests are marked ``comfy``
 
@@ -108,6 +116,8 @@ class ComfyClient:
     PromptFailed = PromptFailed
     pack_dir_name = PACK_LINK_NAME
     test_pack_dir_name = TEST_PACK_LINK_NAME
+    comfyui_version = COMFYUI_VERSION
+    comfyui_dir = COMFYUI_DIR
 
     def __init__(self, url: str, base_dir: Path, log_path: Path, process: subprocess.Popen):
         self.url = url
@@ -297,8 +307,8 @@ def start_server(base: Path) -> ComfyClient:
     if missing:
         pytest.fail(
             f"The local ComfyUI test environment is missing ({', '.join(missing)}). "
-            "Run the tests with `bash scripts/test.sh` (it installs .venv and .comfyui first), "
-            "or run `bash scripts/setup_env.sh` once.",
+            "Run the tests with `bash scripts/test.sh` (it installs the environments first), or run "
+            f"`bash scripts/setup_env.sh --comfyui {COMFYUI_VERSION}` once.",
             pytrace=False,
         )
     make_base_dir(base)

@@ -131,8 +131,11 @@ def workflow_files(comfy_server) -> dict[str, set[str]]:
                 write_picture(comfy_server.input_dir / name)
             elif folder == "text_encoders" and name == BUILD.GEMMA_FILE:
                 write_tiny_gemma(comfy_server.models_dir / folder / name)
-            else:
-                continue  # diffusion models, checkpoints, other text encoders: their stand-ins need no file
+            else:  # diffusion models, checkpoints, other text encoders: their stand-ins read no file, but current
+                # frontends flag a loader whose file is not listed, so an empty one is listed
+                placeholder = comfy_server.models_dir / folder / name
+                placeholder.parent.mkdir(parents=True, exist_ok=True)
+                placeholder.touch()
             written.setdefault(folder, set()).add(name)
     return written
 

@@ -46,6 +46,7 @@ NAMES = [p.stem for p in WORKFLOW_PATHS]
 NOTE_TYPES = {"Note", "MarkdownNote"}
 VIRTUAL_TYPES = NOTE_TYPES | {"PrimitiveNode", "Reroute"}  # frontend-only nodes, never sent to the server
 FRONTEND_ONLY_WIDGETS = {"control_after_generate", "control_filter_list", "upload"}
+FRONTEND_WIDGET_PREFIX = "$$"  # current frontends' own widgets, e.g. Load Image's "$$canvas-image-preview"
 
 # Loader -> the test pack's stand-in (same output types, checked below).
 STAND_INS = {
@@ -330,7 +331,8 @@ def pack_problems(result: dict, object_info: dict) -> list[str]:
         if node["type"] in VIRTUAL_TYPES or node["type"] not in object_info:
             continue
         names = set(input_specs(object_info[node["type"]]))
-        unknown = [w for w, _ in node["widgets"] if w not in names and w not in FRONTEND_ONLY_WIDGETS]
+        unknown = [w for w, _ in node["widgets"]
+                   if w not in names and w not in FRONTEND_ONLY_WIDGETS and not w.startswith(FRONTEND_WIDGET_PREFIX)]
         if unknown:
             problems.append(f"{node['id']} {node['type']}: widgets that are no input of the node: {unknown}")
     return problems
@@ -450,7 +452,7 @@ def test_pid_decode_gets_a_caption_from_gemma(name, loaded):
 def seed_control_problems(result: dict, workflow: dict) -> list[str]:
     """PiD Decode nodes whose seed control is not "fixed", as the frontend loaded them or as the file stores it:
     the frontend saves the control as the widget value right after the seed's."""
-    saved = {n["id"]: n for n in workflow["nodes"]}
+    saved = {str(n["id"]): n for n in workflow["nodes"]}  # current frontends report node ids as strings
     decodes = [n for n in result["nodes"] if n["type"] == f"{PID}Decode"]
     if not decodes:
         return ["the workflow has no PiD Decode"]
@@ -461,7 +463,7 @@ def seed_control_problems(result: dict, workflow: dict) -> list[str]:
             problems.append(f"{node['id']}: no control_after_generate after the seed in {names}")
             continue
         shown = dict(node["widgets"])["control_after_generate"]
-        stored = saved[node["id"]]["widgets_values"][names.index("control_after_generate")]
+        stored = saved[str(node["id"])]["widgets_values"][names.index("control_after_generate")]
         if (shown, stored) != ("fixed", "fixed"):
             problems.append(f"{node['id']} PiD Decode: seed control {shown!r} in the frontend, {stored!r} in the file")
     return problems

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import fields
 
 import torch
 from comfy_api.latest import ComfyExtension, io
 
+import comfy.ldm.flux.model
 import comfy.ldm.modules.diffusionmodules.mmdit
 import comfy.model_base
 import comfy.model_management
@@ -86,6 +88,14 @@ def build_model_patcher(model_config, seed: int) -> comfy.model_patcher.ModelPat
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
 
+def flux_params(txt_ids_dims: list[int], **params) -> dict:
+    """A Flux / Flux.2 unet config for this ComfyUI: current ComfyUI's FluxParams also names the text positions that
+    carry ids (``txt_ids_dims``: [] for Flux, [3] for Flux.2, as its model detection sets them); 0.3.75's has no such
+    field."""
+    known = {f.name for f in fields(comfy.ldm.flux.model.FluxParams)}
+    return params | ({"txt_ids_dims": txt_ids_dims} if "txt_ids_dims" in known else {})
+
+
 class PiDTestTinyFluxModel(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -105,23 +115,12 @@ class PiDTestTinyFluxModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, seed: int, hidden_size: int) -> io.NodeOutput:
-        unet_config = {
-            "image_model": "flux",
-            "in_channels": 16,
-            "out_channels": 16,
-            "vec_in_dim": 32,
-            "context_in_dim": 32,
-            "hidden_size": hidden_size,
-            "mlp_ratio": 2.0,
-            "num_heads": hidden_size // 128,
-            "depth": 1,
-            "depth_single_blocks": 1,
-            "axes_dim": [16, 56, 56],  # rope dims per axis; must sum to the head size (128)
-            "theta": 10000,
-            "patch_size": 2,
-            "qkv_bias": True,
-            "guidance_embed": True,
-        }
+        unet_config = flux_params(
+            [], image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=32,
+            hidden_size=hidden_size, mlp_ratio=2.0, num_heads=hidden_size // 128, depth=1, depth_single_blocks=1,
+            axes_dim=[16, 56, 56],  # rope dims per axis; must sum to the head size (128)
+            theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True,
+        )
         return io.NodeOutput(build_model_patcher(comfy.supported_models.Flux(unet_config), seed))
 
 

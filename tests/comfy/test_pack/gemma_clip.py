@@ -63,7 +63,9 @@ class PiDTestGemmaCLIP(io.ComfyNode):
     @classmethod
     def execute(cls, clip_name: str) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("text_encoders", clip_name)
-        sd = comfy.utils.load_torch_file(path, safe_load=True)
+        sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+        if hasattr(comfy.utils, "convert_old_quants"):  # current ComfyUI's Load CLIP turns scaled fp8 into its quant
+            sd, _ = comfy.utils.convert_old_quants(sd, model_prefix="", metadata=metadata)  # tensors first
         clip = comfy.sd.load_text_encoder_state_dicts(
             [sd], clip_type=comfy.sd.CLIPType.LUMINA2, model_options={"gemma2_2b_model_config": tiny_gemma_config(sd)}
         )

@@ -41,7 +41,7 @@ import comfy.text_encoders.qwen_vl
 import comfy.text_encoders.sd3_clip
 import comfy.text_encoders.z_image
 
-from . import CATEGORY, SDXL_SIZE_EMBEDDING, build_model_patcher, seeded_init_
+from . import CATEGORY, SDXL_SIZE_EMBEDDING, build_model_patcher, flux_params, seeded_init_
 
 log = logging.getLogger("pid_test_pack")
 
@@ -72,7 +72,7 @@ QWEN_VOCAB = 152064  # covers both Qwen tokenizers' ids (Qwen3: 151936)
 
 def tekken_vocabulary() -> bytes:
     return json.dumps({
-        "config": {"default_vocab_size": MISTRAL_VOCAB},
+        "config": {"default_vocab_size": MISTRAL_VOCAB, "default_num_special_tokens": len(MISTRAL_SPECIALS)},
         "vocab": [{"rank": i, "token_bytes": base64.b64encode(bytes([i])).decode()} for i in range(256)],
         "special_tokens": [{"rank": i, "token_str": s, "is_control": True} for i, s in enumerate(MISTRAL_SPECIALS)],
     }).encode()  # fmt: skip
@@ -90,15 +90,16 @@ class Family:
 
 
 FLUX_TE = {"clip_l": TINY_CLIP, "t5xxl": tiny_t5(32)}
+
 SD_CLIPS = {"clip_l": TINY_CLIP, "clip_g": {**TINY_CLIP, "hidden_act": "gelu"}}
 
 FAMILIES = {
     "flux": Family(
         comfy.supported_models.Flux,
-        dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=TINY_CLIP["hidden_size"],
-             context_in_dim=FLUX_TE["t5xxl"]["d_model"], hidden_size=128, mlp_ratio=2.0, num_heads=1, depth=1,
-             depth_single_blocks=1, axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True,
-             guidance_embed=True),
+        flux_params([], image_model="flux", in_channels=16, out_channels=16, vec_in_dim=TINY_CLIP["hidden_size"],
+                    context_in_dim=FLUX_TE["t5xxl"]["d_model"], hidden_size=128, mlp_ratio=2.0, num_heads=1, depth=1,
+                    depth_single_blocks=1, axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True,
+                    guidance_embed=True),
         (comfy.text_encoders.flux.FluxTokenizer, comfy.text_encoders.flux.flux_clip()),
         FLUX_TE,
     ),
@@ -113,11 +114,11 @@ FAMILIES = {
     ),
     "flux2": Family(
         comfy.supported_models.Flux2,
-        dict(image_model="flux2", in_channels=128, out_channels=128, vec_in_dim=None,
-             context_in_dim=3 * TINY_LLM["hidden_size"], hidden_size=128, mlp_ratio=3.0, num_heads=1, depth=1,
-             depth_single_blocks=1, axes_dim=[32, 32, 32, 32], theta=2000, patch_size=1, qkv_bias=False,
-             guidance_embed=True, global_modulation=True, mlp_silu_act=True, ops_bias=False,
-             default_ref_method="index", ref_index_scale=10.0),
+        flux_params([3], image_model="flux2", in_channels=128, out_channels=128, vec_in_dim=None,
+                    context_in_dim=3 * TINY_LLM["hidden_size"], hidden_size=128, mlp_ratio=3.0, num_heads=1, depth=1,
+                    depth_single_blocks=1, axes_dim=[32, 32, 32, 32], theta=2000, patch_size=1, qkv_bias=False,
+                    guidance_embed=True, global_modulation=True, mlp_silu_act=True, ops_bias=False,
+                    default_ref_method="index", ref_index_scale=10.0),
         (comfy.text_encoders.flux.Flux2Tokenizer, comfy.text_encoders.flux.flux2_te()),
         {"mistral3_24b": {**TINY_LLM, "num_hidden_layers": MISTRAL_LAYERS, "vocab_size": MISTRAL_VOCAB}},
         {"tekken_model": tekken_vocabulary()},
