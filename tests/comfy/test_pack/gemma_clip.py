@@ -30,6 +30,7 @@ import folder_paths
 from .probes import write_record
 
 CATEGORY = "PiD/testing"
+CLIP_TYPES = [t for t in ("lumina2", "pixeldit") if hasattr(comfy.sd.CLIPType, t.upper())]  # pixeldit: 0.33 on
 GEMMA_HEAD_DIM = 256  # comfy.text_encoders.llama.Gemma2_2B_Config.head_dim, a class constant
 
 
@@ -55,19 +56,24 @@ class PiDTestGemmaCLIP(io.ComfyNode):
             display_name="PiD Test: Tiny Gemma-2 CLIP",
             category=CATEGORY,
             description="Loads a tiny Gemma-2 text encoder file from models/text_encoders as Load CLIP (type "
-            "lumina2) does, with the tiny structure read from its shapes. For tests only.",
-            inputs=[io.String.Input("clip_name", tooltip="File in models/text_encoders (Comfy-Org layout).")],
+            "lumina2 or pixeldit) does, with the tiny structure read from its shapes. For tests only.",
+            inputs=[
+                io.String.Input("clip_name", tooltip="File in models/text_encoders (Comfy-Org layout)."),
+                io.Combo.Input("clip_type", options=CLIP_TYPES, default="lumina2", optional=True,
+                               tooltip="Load CLIP's type: lumina2, or pixeldit (current ComfyUI's PiD encoder)."),
+            ],
             outputs=[io.Clip.Output()],
         )
 
     @classmethod
-    def execute(cls, clip_name: str) -> io.NodeOutput:
+    def execute(cls, clip_name: str, clip_type: str = "lumina2") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("text_encoders", clip_name)
         sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
         if hasattr(comfy.utils, "convert_old_quants"):  # current ComfyUI's Load CLIP turns scaled fp8 into its quant
             sd, _ = comfy.utils.convert_old_quants(sd, model_prefix="", metadata=metadata)  # tensors first
         clip = comfy.sd.load_text_encoder_state_dicts(
-            [sd], clip_type=comfy.sd.CLIPType.LUMINA2, model_options={"gemma2_2b_model_config": tiny_gemma_config(sd)}
+            [sd], clip_type=getattr(comfy.sd.CLIPType, clip_type.upper()),
+            model_options={"gemma2_2b_model_config": tiny_gemma_config(sd)},
         )
         if not isinstance(clip.cond_stage_model, comfy.text_encoders.lumina2.LuminaModel):
             raise TypeError(f"{clip_name} did not load as lumina2's Gemma-2 but as {type(clip.cond_stage_model)}.")
