@@ -331,12 +331,17 @@ def flux1_dev() -> Workflow:
          CAPTION_SETTING,
          "1024 px → 4096: use the v1.5 2kto4k checkpoint (see the Z-Image-Turbo workflow)"],
     )  # fmt: skip
+    return flux1_dev_early_exit(w, "PiD_res2k_sr4x_official_flux_distill_4step", "flux1_dev_2048")
+
+
+def flux1_dev_early_exit(w: Workflow, checkpoint_folder: str, prefix: str, **undistilled) -> Workflow:
+    """Flux.1-dev at 512 px stopped early by PiD KSampler, decoded by the PiD checkpoint in ``checkpoint_folder``."""
     unet, clip, text, guidance, negative, latent = flux1_dev_base(w)
-    decoder = pid_loader(w, "PiD_res2k_sr4x_official_flux_distill_4step")
+    decoder = pid_loader(w, checkpoint_folder)
     gemma, caption = pid_caption(w, PROMPTS["fox"], SAME_CAPTION)
     sampled = pid_sampler(w, unet, guidance, negative, latent, steps=28, cfg=1.0, sampler="euler", scheduler="simple")
-    image = pid_decode(w, decoder, sampled[0], caption)
-    out = save(w, image[0], "flux1_dev_2048")
+    image = pid_decode(w, decoder, sampled[0], caption, **undistilled)
+    out = save(w, image[0], prefix)
     w.column(unet, clip, gemma, latent, decoder)
     w.column(text, guidance, negative, caption)
     w.column(sampled, image)
@@ -397,18 +402,8 @@ def flux1_dev_undistilled() -> Workflow:
          "Faster: the 4-step student (PiD_v1pt5_res2kto4k_sr4x_official_flux_distill_4step) in the same loader, "
          "with steps 4"],
     )  # fmt: skip
-    unet, clip, text, guidance, negative, latent = flux1_dev_base(w)
-    decoder = pid_loader(w, "PiD_v1pt5_res2kto4k_sr4x_official_flux_undistilled")
-    gemma, caption = pid_caption(w, PROMPTS["fox"], SAME_CAPTION)
-    sampled = pid_sampler(w, unet, guidance, negative, latent, steps=28, cfg=1.0, sampler="euler", scheduler="simple")
-    image = pid_decode(w, decoder, sampled[0], caption, steps=25, cfg=5.0)
-    out = save(w, image[0], "flux1_dev_2048_undistilled")
-    w.column(unet, clip, gemma, latent, decoder)
-    w.column(text, guidance, negative, caption)
-    w.column(sampled, image)
-    w.column(out)
-    w.sizes[out.id] = [420, 460]
-    return w
+    return flux1_dev_early_exit(w, "PiD_v1pt5_res2kto4k_sr4x_official_flux_undistilled", "flux1_dev_2048_undistilled",
+                                steps=25, cfg=5.0)
 
 
 def z_image_turbo() -> Workflow:
