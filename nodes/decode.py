@@ -25,13 +25,13 @@ from .common import CATEGORY, NODE_PREFIX, PiDDecoderType
 
 log = logging.getLogger("comfyui-pid")
 
-SIZES = ["native 4x", "2048", "4096"]
+SIZES = ["auto", "native 4x", "2048", "4096"]  # "auto" came first later: saved workflows keep their choice
 AUTO = "auto"
 PREVIEW_SIZE = 512
 
 
 def _size(choice: str) -> str | int:
-    return "native" if choice == SIZES[0] else int(choice)
+    return {"auto": "auto", "native 4x": "native"}.get(choice) or int(choice)
 
 
 def _caption(conditioning) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -90,9 +90,10 @@ class PiDDecode(io.ComfyNode):
                 PiDDecoderType.Input("pid_decoder", tooltip="From Load PiD Decoder."),
                 io.Latent.Input("latent", tooltip="The latent to decode; a PiD KSampler latent brings its own sigma."),
                 io.Combo.Input(
-                    "size", options=SIZES, default=SIZES[0],
-                    tooltip="native 4x: 4 times the VAE's picture size (8x for SigLIP); 2048/4096: that long side, "
-                    "keeping the aspect ratio. 2k checkpoints are best at 2048, 2kto4k ones up to 4096.",
+                    "size", options=SIZES, default="auto",
+                    tooltip="auto: what the checkpoint draws best (2k checkpoints: a 2048 long side; 2kto4k ones: "
+                    "native 4x, at most 4096); native 4x: 4 times the VAE's picture size (8x for SigLIP); "
+                    "2048/4096: that long side, keeping the aspect ratio.",
                 ),
                 io.Int.Input(
                     "steps", default=0, min=0, max=MAX_TEACHER_STEPS,

@@ -81,7 +81,7 @@ def _decode(args: argparse.Namespace) -> None:
     caption, negative_caption = _caption(args), _negative_caption(args)
     decoder = PiDDecoder.load(args.checkpoint, args.space, args.training, args.precision)
     latent = read_latent_file(args.latent)
-    size = args.size if args.size == "native" else int(args.size)
+    size = args.size if args.size in ("auto", "native") else int(args.size)
     started = time.monotonic()
 
     def progress(step: int, total: int, _x0: torch.Tensor) -> None:
@@ -124,7 +124,9 @@ def parser() -> argparse.ArgumentParser:
     dec.add_argument("latent", help="ComfyUI .latent file, or a .safetensors file holding one latent tensor")
     dec.add_argument("--sigma", type=float, default=0.0, help="PiD degrade sigma of the latent in [0, 1] (0 = clean)")
     dec.add_argument("--out", required=True, help="OUT.png (8-bit picture) or OUT.safetensors (float image in [-1, 1])")
-    dec.add_argument("--size", default="native", choices=("native", "2048", "4096"), help="native 4x, or a long side")
+    dec.add_argument("--size", default="native", choices=("native", "auto", "2048", "4096"),
+                     help="native 4x (default), auto (what the checkpoint draws best: 2k checkpoints a 2048 long side, "
+                     "2kto4k native up to 4096), or a long side")
     dec.add_argument(
         "--steps", type=int,
         help=f"sampler steps: default {STUDENT_STEPS} for distilled checkpoints (1..{MAX_STEPS}), {TEACHER_STEPS} for "

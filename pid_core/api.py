@@ -213,7 +213,7 @@ def output_shape(
 ) -> tuple[int, int]:
     """(height, width) in pixels of the pictures :func:`decode` draws from ``latent``; checks the latent as it does."""
     z = _network_latent(network, latent, space, 0.0, flux2_bn, info)
-    return output_size(z.shape[-2:], network.config, size)
+    return output_size(z.shape[-2:], network.config, size, _training(info))
 
 
 class _NetworkPasses:
@@ -339,8 +339,10 @@ def decode(
     steps = steps or (STUDENT_STEPS if distilled else TEACHER_STEPS)
     config = network.config
     batch = z.shape[0]
-    height, width = output_size(z.shape[-2:], config, size)
-    if info is not None and (message := training_range_warning((height, width), _known(info.training))):
+    height, width = output_size(z.shape[-2:], config, size, _training(info))
+    if isinstance(size, str) and size.lower() == "auto":
+        log.info("PiD decode: size auto -> %dx%d px (%s checkpoint)", width, height, _training(info) or "unknown range")
+    if (message := training_range_warning((height, width), _training(info))) is not None:
         warnings.warn(message, stacklevel=2)
 
     param = next(network.parameters())
@@ -415,8 +417,9 @@ def _required_negative_caption(negative_caption: torch.Tensor | None) -> torch.T
     return negative_caption
 
 
-def _known(training: str) -> str | None:
-    return None if training == "unknown" else training
+def _training(info: CheckpointInfo | None) -> str | None:
+    """The checkpoint's training range ("2k", "2kto4k"), or None when unknown."""
+    return None if info is None or info.training == "unknown" else info.training
 
 
 @dataclass

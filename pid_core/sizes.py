@@ -23,18 +23,28 @@ SIZE_MULTIPLE = 64
 SizeLike = str | int | Sequence[int]
 
 
-def output_size(latent_hw: Sequence[int], config: NetworkConfig, size: SizeLike = "native") -> tuple[int, int]:
+# What size "auto" draws, by training range: the long side of a 2k checkpoint, the cap of a 2kto4k one.
+AUTO_LONG_SIDE = {"2k": 2048, "2kto4k": 4096}
+
+
+def output_size(
+    latent_hw: Sequence[int], config: NetworkConfig, size: SizeLike = "native", training: str | None = None
+) -> tuple[int, int]:
     """Output (H, W) in pixels for a network latent of ``latent_hw`` = (h, w) cells.
 
     ``latent_hw`` is the size of the latent the network consumes (a Flux.2 latent after packing, at /16).
     ``size`` is one of:
 
+    * ``"auto"``: what the checkpoint's ``training`` range draws best: a 2048 long side for "2k" checkpoints;
+      for "2kto4k" ones native, but at most a 4096 long side; native when the range is unknown;
     * ``"native"``: ``(h * config.upscale, w * config.upscale)``, the reference's default;
     * an int (or digit string) long side, e.g. 2048 or 4096: the latent's aspect is kept, each side
       rounded to the nearest multiple of 64 (so the aspect changes by at most that rounding);
     * an explicit ``(H, W)``, each a multiple of 16.
     """
     h, w = _positive_pair(latent_hw, "latent size")
+    if isinstance(size, str) and size.strip().lower() == "auto":
+        size = _auto_size(max(h, w) * config.upscale, training)
     if isinstance(size, str) and size.strip().lower() == "native":
         return _checked(h * config.upscale, w * config.upscale)
     if isinstance(size, (str, int)) and not isinstance(size, bool):
@@ -42,6 +52,14 @@ def output_size(latent_hw: Sequence[int], config: NetworkConfig, size: SizeLike 
         longest = max(h, w)
         return _checked(_round_to_multiple(h * long_side, longest), _round_to_multiple(w * long_side, longest))
     return _checked(*_positive_pair(size, "output size"))
+
+
+def _auto_size(native_long_side: int, training: str | None) -> str | int:
+    if training == "2k":
+        return AUTO_LONG_SIDE["2k"]
+    if training == "2kto4k" and native_long_side > AUTO_LONG_SIDE["2kto4k"]:
+        return AUTO_LONG_SIDE["2kto4k"]
+    return "native"
 
 
 def _round_to_multiple(numerator: int, denominator: int) -> int:
@@ -55,7 +73,8 @@ def _long_side(size: str | int) -> int:
         value = int(size)
     except ValueError:
         raise ValueError(
-            f"Unknown output size {size!r}; use 'native', a long side in pixels such as 2048, or (height, width)."
+            f"Unknown output size {size!r}; use 'auto', 'native', a long side in pixels such as 2048, or "
+            "(height, width)."
         ) from None
     if value < SIZE_MULTIPLE:
         raise ValueError(f"The output long side must be at least {SIZE_MULTIPLE} pixels, got {value}.")

@@ -796,3 +796,8 @@ def test_object_info_lists_every_node_with_its_documented_inputs(comfy_server):
                 options = spec[1] if len(spec) > 1 else {}
                 assert len(options.get("tooltip", "")) > 10, f"{name}.{input_name} has no tooltip"
     assert info["PixelDecoderPiD_KSamplerEarlyExit"]["input"]["required"]["exit_step"][1]["default"] == 0
+    size = info["PixelDecoderPiD_Decode"]["input"]["required"]["size"]
+    options = size[0] if isinstance(size[0], list) else size[1]["options"]
+    assert options == ["auto", "native 4x", "2048", "4096"] and size[1]["default"] == "auto"  # saved ones keep theirs
+    steps = info["PixelDecoderPiD_Decode"]["input"]["required"]["steps"][1]
+    assert (steps["default"], steps["min"]) == (0, 0)  # 0: the checkpoint's own steps

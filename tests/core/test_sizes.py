@@ -60,6 +60,34 @@ def test_long_side_target_keeps_aspect(latent_hw, size, expected):
         assert abs(out[1] - w * out[0] / h) <= 32
 
 
+@pytest.mark.parametrize(
+    "config, latent_hw, training, expected",
+    [
+        (FLUX, (128, 128), "2k", (2048, 2048)),  # 1024 px generation, 2k checkpoint: 2048, not native 4096
+        (FLUX, (64, 96), "2k", (1344, 2048)),  # the long side 2048, aspect kept
+        (FLUX, (128, 128), "2kto4k", (4096, 4096)),  # 2kto4k: native 4x
+        (FLUX, (192, 128), "2kto4k", (4096, 2752)),  # native 6144 px long side: capped at 4096
+        (FLUX2, (16, 16), "2kto4k", (1024, 1024)),  # native, even below the range (the range warning says so)
+        (FLUX, (128, 128), None, (4096, 4096)),  # unknown range: native
+    ],
+)
+def test_auto_follows_the_training_range(config, latent_hw, training, expected):
+    assert output_size(latent_hw, config, "auto", training) == expected
+
+
+def test_decode_picks_the_auto_size_from_the_checkpoint_info():
+    from pid_core.checkpoint import CheckpointInfo
+    from pid_core.config import LatentSpace
+
+    net = tiny_network("flux_2k")
+    latent = torch.randn(1, 16, 3, 4)  # native: 96x128 px
+    info = CheckpointInfo(path="PiD_res2k/model.pth", file_format="pth", config=net.config,
+                          space=LatentSpace.FLUX, candidates=(LatentSpace.FLUX,), training="2k", distilled=True, released=None, parameters=0,
+                          storage_dtype="float32")  # fmt: skip
+    assert output_shape(net, latent, space="flux", size="auto", info=info) == (1536, 2048)
+    assert output_shape(net, latent, space="flux", size="auto") == (96, 128)  # no info: native
+
+
 def test_long_side_target_is_independent_of_family():
     assert output_size((32, 48), FLUX2, 2048) == output_size((32, 48), FLUX, 2048) == (1344, 2048)
 
