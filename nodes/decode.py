@@ -68,6 +68,9 @@ def _latent_inputs(latent: dict, sigma: float, latent_space: str) -> tuple[list[
     """Sigma and latent space from the LATENT's PiD metadata while it is valid, else from the widgets."""
     tagged, stale_reason = metadata.read(latent)
     if tagged is not None:
+        log.info("PiD Decode: the latent's PiD metadata (sigma %s, latent space %s) is used instead of the widgets "
+                 "(sigma %s, latent space %s)", ", ".join(f"{s:.4g}" for s in tagged.sigmas), tagged.space, sigma,
+                 latent_space)
         return tagged.sigmas, tagged.space
     if stale_reason is not None:
         log.warning("PiD Decode: %s; using the sigma (%s) and latent space widgets instead.", stale_reason, sigma)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 import shutil
 import time
 from pathlib import Path
@@ -367,7 +368,11 @@ def test_tagged_latent_brings_its_own_sigma_and_an_untagged_one_uses_the_widget(
     comfy_server.run(g)
     images = {label: record(comfy_server, f"b-{label}")[0]["image"] for label in variants}
 
-    assert WARNED_STALE not in comfy_server.log()[log_start:]
+    log = comfy_server.log()[log_start:]
+    assert WARNED_STALE not in log
+    # the override is said in the console, with both values (the tagged latent's sigma, the widget's 0.5)
+    assert re.search(r"PiD metadata \(sigma [0-9.]+, latent space flux\) is used instead of the widgets \(sigma 0.5, "
+                     r"latent space auto\)", log)
     assert torch.equal(images["tagged-0"], images["tagged-0.5"])  # the widget does not apply to a tagged latent
     assert torch.equal(images["tagged-0"], images["untagged-own"])  # ... which decodes with its own sigma
     assert not torch.equal(images["untagged-0"], images["untagged-0.5"])  # the widget applies without a tag
