@@ -68,6 +68,11 @@ class PiDKSampler(io.ComfyNode):
         space = model_family.latent_space(model)
         sigmas = _run_sigmas(model, steps, sampler_name, scheduler, denoise)
         run_steps = len(sigmas) - 1
+        if run_steps < 1:  # denoise 0 (or a schedule with no step): nothing to sample, nothing to exit from
+            raise ValueError(
+                f"PiD KSampler: denoise {denoise:g} with {steps} steps leaves no sampling step; set denoise above 0 "
+                "(1 samples a new picture), or decode the latent with PiD Decode directly."
+            )
         if exit_step == AUTO_EXIT:
             ms = model.get_model_object("model_sampling")
             reference = lambda n: comfy.samplers.calculate_sigmas(ms, REFERENCE_SCHEDULER, n)  # noqa: E731

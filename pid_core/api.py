@@ -192,6 +192,9 @@ def _network_latent(
     info: CheckpointInfo | None,
 ) -> torch.Tensor:
     """The network's LQ latent of a ComfyUI-convention ``latent``, checked against the checkpoint."""
+    if latent.ndim > 0 and latent.shape[0] == 0:
+        raise ValueError("The latent batch is empty (0 pictures): there is nothing to decode; connect a latent that "
+                         "holds at least one picture.")
     space = _resolve_space(space, info)
     z = to_network_latent(latent, space, sigma, flux2_bn)
     if z.shape[1] != network.config.latent_channels:

@@ -478,6 +478,15 @@ def test_a_vae_in_the_pid_folder_is_named_for_what_it_is(comfy_server, pid_model
     assert_healthy(comfy_server)
 
 
+def test_pid_ksampler_with_denoise_0_is_a_clear_error(comfy_server, pid_models):
+    g = Graph()
+    sampler = Diffusion(g, "flux")
+    early = g.node("PixelDecoderPiD_KSamplerEarlyExit", seed=7, steps=STEPS, denoise=0.0, exit_step=0, **sampler.common())
+    save_values(g, "c-denoise-0", value=out(early, 1))
+    fails_with(comfy_server, g, "PixelDecoderPiD_KSamplerEarlyExit", "denoise 0", "leaves no sampling step")
+    assert_healthy(comfy_server)
+
+
 def test_sigma_outside_zero_one_is_refused_and_above_the_trained_range_warns(comfy_server, pid_models):
     g = Graph()
     sampler = Diffusion(g, "flux")

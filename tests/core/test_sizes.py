@@ -190,3 +190,11 @@ def test_output_shape_is_the_shape_decode_draws(variant, space, latent_shape, si
 def test_output_shape_checks_the_latent_as_decode_does():
     with pytest.raises(ValueError, match="channels, but this PiD checkpoint takes"):
         output_shape(tiny_network("flux2_2kto4k_v1pt5"), torch.randn(1, 16, 4, 4), space="flux")
+
+
+def test_an_empty_batch_is_a_clear_error():
+    net = tiny_network("flux_2k")
+    for call in (lambda: decode(net, torch.zeros(0, 16, 4, 4), space="flux"),
+                 lambda: output_shape(net, torch.zeros(0, 16, 4, 4), space="flux")):  # fmt: skip
+        with pytest.raises(ValueError, match="The latent batch is empty"):
+            call()
