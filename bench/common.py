@@ -40,7 +40,7 @@ def peak_rss() -> int:
 def reference_estimate(size: int) -> int:
     """Our estimate of a reference-style decode of a ``size`` x ``size`` output, in bytes: fp32 weights, bf16 autocast,
     unchunked and untiled, plus the bf16 copy of every weight that autocast caches beside them (see :func:`measure`)."""
-    config = released(variant).network
+    config = released(VARIANT).network
     run = estimate(config, size, size, weight_dtype=torch.float32, compute_dtype=torch.bfloat16, pixel_chunk=None)
     return run.total + weight_bytes(config, torch.bfloat16)
 
