@@ -4,7 +4,8 @@ Two runs of the same function on a CPU need not give the same bits. Matrix kerne
 AVX-512, AMX) block and sum in an order of their own, which also changes with the row count and the thread
 count; ATen's vectorised kernels (exp, sin, softmax, attention, the Box-Muller of ``torch.randn``) differ per
 ``ATEN_CPU_CAPABILITY``. So ``torch.equal`` is asserted only where it holds by construction (the same kernels on
-the same shapes in one process), and every other comparison uses one of the rules below. Each bound is set from
+the same shapes in one process), and the comparisons that differ from CPU to CPU (ours against the reference's
+golden runs, or one computation in another blocking) use the rules below. Each bound is set from
 the differences measured across CPU kernels and thread counts (``bench/parity_margins.py`` prints them; README,
 "Parity across CPUs") and shown to fail on planted fidelity bugs (``planted_bugs.py``, used by test_parity.py).
 

@@ -110,7 +110,7 @@ def test_tiled_forward_equals_the_oracle_from_whole_image_encodings(variant, siz
         got = run_tiled(net, *args, plan)
         want = oracle(net, *args, plan)
         whole = net(*args)
-    FP32.check(got, want)  # the same arithmetic in another order (slices of whole-image tables)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)  # bit-identical on the development machine
     assert (got - whole).abs().max() > 1e-3  # a tile's attention sees only the tile: not the untiled result
 
 
@@ -180,7 +180,7 @@ def test_border_tiles_of_a_size_not_a_multiple_of_the_tile_decode_like_the_oracl
     plan = plan_tiles((5, 7), 3, 1)
     assert plan.rows == (0, 2) and plan.cols == (0, 2, 4)
     with torch.inference_mode():
-        FP32.check(run_tiled(net, *args, plan), oracle(net, *args, plan))
+        torch.testing.assert_close(run_tiled(net, *args, plan), oracle(net, *args, plan), rtol=0, atol=1e-5)
 
 
 def test_tile_callback_reports_each_call_and_can_cancel():
@@ -270,7 +270,8 @@ def test_a_batch_that_does_not_fit_goes_through_the_network_a_few_images_at_a_ti
     one_at_a_time = decode(net, latent, memory_budget=budget_for_two - 1,
                            call_callback=lambda step, done, total: seen.append((step, done, total)), **kwargs)
     assert seen == [(step, k + 1, 3) for step in range(2) for k in range(3)]
-    FP32.check(one_at_a_time, whole)  # fp32 kernels may block a batch of 1 differently from one of 3
+    # the same computation; fp32 kernels may block a batch of 1 differently from one of 3, hence not bit for bit
+    torch.testing.assert_close(one_at_a_time, whole, rtol=0, atol=1e-4)
     alone = decode(net, latent[1:2], memory_budget=10**12, **{**kwargs, "sigma": 0.2, "caption": caption[1:2]})
     assert not torch.allclose(alone, whole[1:2], atol=1e-3)  # the noise is drawn for the batch: item 1's differs
 
@@ -286,7 +287,9 @@ def test_a_decode_that_runs_out_of_memory_goes_on_in_tiles():
     tile = shapes[0][-1]
     assert tile < 384 and all(s[0] * s[-2] * s[-1] <= 256 * 256 for s in shapes)
     tiled = decode(tiny_network("flux_2k"), latent, memory_budget=10**12, tiling="on", tile_size=tile, **kwargs)
-    FP32.check(image, tiled)  # the tiled decode from the first step on (its tiles grouped in other calls)
+    # the tiled decode from the first step on (its tiles may go through the network in other groups, which fp32
+    # kernels may round differently: hence not bit for bit)
+    torch.testing.assert_close(image, tiled, rtol=0, atol=1e-4)
 
 
 def test_a_batch_that_runs_out_of_memory_goes_on_fewer_images_at_a_time():
@@ -298,7 +301,7 @@ def test_a_batch_that_runs_out_of_memory_goes_on_fewer_images_at_a_time():
         image = decode(net, latent, memory_budget=10**12, **kwargs)
     assert shapes and all(s == (1, 3, 256, 256) for s in shapes)  # one whole image per call
     whole = decode(tiny_network("flux_2k"), latent, memory_budget=10**12, **kwargs)
-    FP32.check(image, whole)
+    torch.testing.assert_close(image, whole, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("tiling, hint", [("auto", "smaller output size."), ("off", "allow tiling (tiling auto)")])
