@@ -13,7 +13,7 @@ from PIL import Image
 import comfy.model_management as mm
 import comfy.utils
 
-from ..pid_core.api import decode, output_shape, plan_decode
+from ..pid_core.api import decode, guidance_scale, output_shape, plan_decode, sampler_steps
 from ..pid_core.config import LatentSpace
 from ..pid_core.memory import SAFETY
 from ..pid_core.sampler import MAX_STEPS, STUDENT_STEPS
@@ -150,11 +150,11 @@ class PiDDecode(io.ComfyNode):
         height, width = output_shape(patcher.model, samples, space=space, size=_size(size), info=pid_decoder.info)
         embedding, negative = _caption(caption)
         distilled = pid_decoder.info.distilled
-        guided = not distilled and embedding is not None and (cfg or TEACHER_CFG) != 1  # both branches per call
-        needed = _memory_to_ask(patcher, height, width, samples.shape[0] * (1 + guided), tiling, tile_size)
+        branches = 1 if guidance_scale(cfg or None, distilled, embedding is not None) == 1 else 2
+        needed = _memory_to_ask(patcher, height, width, samples.shape[0] * branches, tiling, tile_size)
         mm.load_models_gpu([patcher], memory_required=needed)
         device = patcher.load_device
-        steps = steps or (STUDENT_STEPS if distilled else TEACHER_STEPS)
+        steps = sampler_steps(steps, distilled)
         pbar = comfy.utils.ProgressBar(steps)
 
         def network_call(step: int, done: int, calls: int) -> None:

@@ -339,7 +339,7 @@ def decode(
     """
     z = _network_latent(network, latent, space, sigma, flux2_bn, info)
     distilled = info is None or info.distilled
-    steps = steps or (STUDENT_STEPS if distilled else TEACHER_STEPS)
+    steps = sampler_steps(steps, distilled)
     config = network.config
     batch = z.shape[0]
     height, width = output_size(z.shape[-2:], config, size, _training(info))
@@ -352,7 +352,8 @@ def decode(
     device = torch.device(device) if device is not None else param.device
     dtype = compute_dtype or default_compute_dtype(device, param.dtype)
     y = _caption_tensor(caption, batch, network)
-    cfg = _guidance(cfg, distilled, caption is not None)
+    _warn_unused_guidance(cfg, distilled, caption is not None)
+    cfg = guidance_scale(cfg, distilled, caption is not None)
     if cfg != 1.0:  # the unconditional branch first, as the sampler expects
         y = torch.cat([_caption_tensor(_required_negative_caption(negative_caption), batch, network), y])
     plan = plan_decode(network, height, width, batch=y.shape[0], tiling=tiling, tile_size=tile_size,
@@ -396,19 +397,26 @@ def decode(
     return x0.clamp(-1.0, 1.0).cpu()
 
 
-def _guidance(cfg: float | None, distilled: bool, has_caption: bool) -> float:
-    """The guidance scale to run: students have none; teachers 5 unless given, and none without a caption."""
-    if distilled:
-        if cfg not in (None, 1.0):
-            warnings.warn(f"cfg {cfg:g} is ignored: this PiD checkpoint is a distilled student, which runs without "
-                          "guidance (cfg is for undistilled checkpoints).", stacklevel=3)
+def sampler_steps(steps: int | None, distilled: bool) -> int:
+    """The steps a decode runs: ``steps``, or (None or 0) the checkpoint's own, 4 for students, 25 for teachers."""
+    return steps or (STUDENT_STEPS if distilled else TEACHER_STEPS)
+
+
+def guidance_scale(cfg: float | None, distilled: bool, has_caption: bool) -> float:
+    """The guidance scale a decode runs (1: none, one network branch): students have none; teachers ``cfg``, 5
+    when None, and none without a caption."""
+    if distilled or not has_caption:
         return 1.0
-    cfg = TEACHER_CFG if cfg is None else float(cfg)
-    if cfg != 1.0 and not has_caption:
+    return TEACHER_CFG if cfg is None else float(cfg)
+
+
+def _warn_unused_guidance(cfg: float | None, distilled: bool, has_caption: bool) -> None:
+    if distilled and cfg not in (None, 1.0):
+        warnings.warn(f"cfg {cfg:g} is ignored: this PiD checkpoint is a distilled student, which runs without "
+                      "guidance (cfg is for undistilled checkpoints).", stacklevel=3)
+    elif not distilled and not has_caption and cfg != 1.0:
         warnings.warn("No caption: decoding without guidance (cfg steers towards a caption and away from the "
                       "negative prompt).", stacklevel=3)
-        return 1.0
-    return cfg
 
 
 def _required_negative_caption(negative_caption: torch.Tensor | None) -> torch.Tensor:
