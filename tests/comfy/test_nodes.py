@@ -12,8 +12,6 @@ Sizes are small (latents of 4x6 cells, 128x192 px outputs, 1-4 PiD steps): the f
 
 from __future__ import annotations
 
-import itertools
-import json
 import math
 import re
 import shutil
@@ -24,140 +22,25 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors import safe_open
+from pid_graphs import (
+    CKPT_DIR, FLUX_PID, FLUX_VAE, HEIGHT, NOT_PID, STEPS, TAESD_4CH, UNDECIDED_PID, UPSCALE, WIDTH, Diffusion, Graph,
+    assert_healthy, decode, fails_with, loader, out, record, save_official, save_values,
+)
 from tiny import run_out_of_memory_above, tiny_network
 
 from pid_core.api import PiDDecoder
 from pid_core.tensor_files import read_latent_file
 
-# --- files --------------------------------------------------------------------------------------------------
-
-# A subfolder of models/pid keeps these apart from other tests' files; the official folder names still tell
-# the pack the model family, as they do for users.
-CKPT_DIR = "pidtest-nodes"
-FLUX_PID = f"{CKPT_DIR}/PiD_res2k_sr4x_official_flux_distill_4step/model_ema_bf16.pth"
-SDXL_PID = f"{CKPT_DIR}/PiD_res2kto4k_sr4x_official_sdxl_distill_4step/model_ema_bf16.pth"
-UNDECIDED_PID = f"{CKPT_DIR}/mydecoder.safetensors"  # a 16-channel network under a name that tells nothing
-NOT_PID = f"{CKPT_DIR}/not-a-decoder.safetensors"  # a VAE put into models/pid by mistake
-FLUX_VAE = "pidtest-nodes-flux-ae.safetensors"  # full-size random Flux KL-VAE, written by the server
-TAESD_4CH = "pidtest-nodes-taesd-4ch.safetensors"  # an SDXL-like (4-channel) VAE
-
 # ComfyUI's latent formats (comfy/latent_formats.py): process_in(x) = (x - shift) * scale
 FLUX_SHIFT, FLUX_SCALE = 0.1159, 0.3611
 SDXL_SCALE = 0.13025
 
-UPSCALE = 32  # output pixels per latent cell for the 8x VAEs at PiD's 4x
-WIDTH, HEIGHT = 32, 48  # latent images: 4x6 cells, decoded to 128x192 px (non-square catches swapped axes)
-STEPS, EXIT_STEP = 12, 7  # > 10 steps, so that auto exit is not the distilled-model rule
+EXIT_STEP = 7  # of STEPS
 
 WARNED_STALE = "changed after PiD tagged it"
 
 
-def save_official(network: torch.nn.Module, path: Path) -> None:
-    """The official model_ema_bf16.pth layout: ``net.``-prefixed keys, bf16."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({f"net.{k}": v.to(torch.bfloat16) for k, v in network.state_dict().items()}, path)
-
-
-@pytest.fixture(scope="module")
-def pid_models(comfy_server) -> Path:
-    """Tiny PiD checkpoints in models/pid, and the random VAE files in models/vae (written once per session)."""
-    root = comfy_server.models_dir / "pid"
-    if not (root / FLUX_PID).exists():
-        save_official(tiny_network("flux_2k", seed=0), root / FLUX_PID)
-        save_official(tiny_network("sdxl_2kto4k", seed=1), root / SDXL_PID)
-        from safetensors.torch import save_file
-
-        undecided = tiny_network("flux_2k", seed=2).state_dict()
-        save_file({k: v.to(torch.bfloat16).contiguous() for k, v in undecided.items()}, str(root / UNDECIDED_PID))
-    vae_dir = comfy_server.models_dir / "vae"
-    if not (vae_dir / FLUX_VAE).exists() or not (vae_dir / TAESD_4CH).exists():
-        g = Graph()
-        g.node("PiDTestRandomVAE", kind="flux_kl", filename=FLUX_VAE, latent_channels=16, seed=0)
-        g.node("PiDTestRandomVAE", kind="taesd", filename=TAESD_4CH, latent_channels=4, seed=0)
-        comfy_server.run(g, timeout=300)
-    if not (root / NOT_PID).exists():
-        shutil.copy(vae_dir / TAESD_4CH, root / NOT_PID)
-    return root
-
-
-# --- graphs ---------------------------------------------------------------------------------------------------
-
-
-class Graph(dict):
-    """A prompt in ComfyUI's API format; ``node`` returns the new node's id, ``out(id, i)`` links to an output."""
-
-    def node(self, class_type: str, **inputs) -> str:
-        node_id = str(len(self) + 1)
-        self[node_id] = {"class_type": class_type, "inputs": inputs}
-        return node_id
-
-
-def out(node_id: str, index: int = 0) -> list:
-    return [node_id, index]
-
-
-FAMILIES = {
-    # model node, empty latent node, cfg (Flux ignores cfg; SDXL's 2.0 makes ComfyUI batch cond and uncond)
-    "flux": ("PiDTestTinyFluxModel", {"seed": 0, "hidden_size": 128}, "EmptySD3LatentImage", 1.0, FLUX_PID),
-    "sdxl": ("PiDTestTinySDXLModel", {"seed": 0}, "EmptyLatentImage", 2.0, SDXL_PID),
-}
-
-
-class Diffusion:
-    """A tiny diffusion model of one family with its conditioning and an empty latent, in a graph."""
-
-    def __init__(self, g: Graph, family: str, batch: int = 1, width: int = WIDTH, height: int = HEIGHT):
-        model_type, model_inputs, latent_type, self.cfg, self.pid_name = FAMILIES[family]
-        self.g = g
-        self.model = g.node(model_type, **model_inputs)
-        self.positive = g.node("PiDTestConditioning", model=out(self.model), seed=1, tokens=8, guidance=3.5)
-        self.negative = g.node("PiDTestConditioning", model=out(self.model), seed=2, tokens=8, guidance=3.5)
-        self.latent = g.node(latent_type, width=width, height=height, batch_size=batch)
-
-    def common(self, model: str | None = None) -> dict:
-        return dict(model=out(model or self.model), cfg=self.cfg, sampler_name="euler", scheduler="simple",
-                    positive=out(self.positive), negative=out(self.negative), latent_image=out(self.latent))
-
-    def pid_ksampler(self, exit_step: int, steps: int = STEPS, seed: int = 7) -> str:
-        return self.g.node("PixelDecoderPiD_KSamplerEarlyExit", seed=seed, steps=steps, denoise=1.0,
-                           exit_step=exit_step, **self.common())
-
-    def ksampler_advanced(self, end: int, steps: int = STEPS, seed: int = 7, model: str | None = None) -> str:
-        return self.g.node("KSamplerAdvanced", add_noise="enable", noise_seed=seed, steps=steps, start_at_step=0,
-                           end_at_step=end, return_with_leftover_noise="enable", **self.common(model))
-
-    def ksampler(self, steps: int = 4, seed: int = 7) -> str:
-        return self.g.node("KSampler", seed=seed, steps=steps, denoise=1.0, **self.common())
-
-
-def loader(g: Graph, pid_name: str = FLUX_PID, latent_space: str = "auto", weight_dtype: str = "bf16",
-           vae_name: str = "none") -> str:
-    return g.node("PixelDecoderPiD_LoadDecoder", pid_name=pid_name, latent_space=latent_space,
-                  weight_dtype=weight_dtype, vae_name=vae_name)
-
-
-def decode(g: Graph, decoder: str, latent: list, seed: int = 0, sigma=0.0, latent_space: str = "auto",
-           steps: int = 4, record: str | None = None, **tiling) -> str:
-    if record is not None:
-        decoder = g.node("PiDTestRecordDecoder", pid_decoder=out(decoder), name=record)
-    return g.node("PixelDecoderPiD_Decode", pid_decoder=out(decoder), latent=latent, size="native 4x", steps=steps,
-                  seed=seed, sigma=sigma, latent_space=latent_space, **tiling)
-
-
-def save_values(g: Graph, name: str, **values) -> str:
-    return g.node("PiDTestSave", name=name, **values)
-
-
 # --- reading results ------------------------------------------------------------------------------------------
-
-
-def record(server, name: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """A probe's file: its tensors and its JSON metadata (a LATENT's PiD keys for PiDTestSave)."""
-    path = server.output_dir / "pidtest-tensors" / f"{name}.safetensors"
-    assert path.is_file(), f"no record {path}"
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, json.loads((f.metadata() or {}).get("json", "{}"))
 
 
 def saved_images(server, entry: dict, node: str) -> list[Image.Image]:
@@ -174,35 +57,6 @@ def state_at(states: dict[str, torch.Tensor], sigma: float) -> torch.Tensor:
     index = int(torch.argmin((states["sigmas"] - sigma).abs()))
     assert abs(float(states["sigmas"][index]) - sigma) < 1e-6, (sigma, states["sigmas"])
     return states["states"][index]
-
-
-def fails_with(server, prompt: dict, node_type: str, *fragments: str) -> str:
-    """Run ``prompt``, expect it to fail in ``node_type`` with a message holding every fragment; return the message."""
-    with pytest.raises(server.PromptFailed) as failed:
-        server.run(prompt)
-    error = failed.value.error
-    assert error is not None, failed.value.entry["status"]
-    assert error["node_type"] == node_type, error
-    message = error["exception_message"]
-    for fragment in fragments:
-        assert fragment in message, message
-    assert "Traceback" not in message and len(message) < 400, message  # one clear sentence, not a dump
-    return message
-
-
-_fresh_seeds = itertools.count(1000)
-
-
-def assert_healthy(server) -> None:
-    """The server still runs a fresh PiD decode (a new seed each time, so nothing comes from the cache)."""
-    g = Graph()
-    sampler = Diffusion(g, "flux")
-    dec = decode(g, loader(g), out(sampler.latent), seed=next(_fresh_seeds), steps=1)
-    save_values(g, "healthy", image=out(dec))
-    entry = server.run(g)
-    assert entry["status"]["status_str"] == "success"
-    image, _ = record(server, "healthy")
-    assert image["image"].shape == (1, HEIGHT // 8 * UPSCALE, WIDTH // 8 * UPSCALE, 3)
 
 
 # --- (a) early exit: flow and EPS ---------------------------------------------------------------------------
