@@ -29,6 +29,14 @@ from .config import RELEASED_CHECKPOINTS, V1_5_CHANGES, GateType, LatentSpace, N
 class CheckpointError(ValueError):
     """A file that cannot be used as a PiD checkpoint; the message says why and what to do."""
 
+    # ComfyUI's error dialog names the type by its module, which is otherwise built from the install folder
+    __module__ = "pid_core"
+
+
+def damaged_file(name: str, kind: str = "safetensors") -> str:
+    """The sentence for a file that cannot be parsed (the library's own report says nothing more useful)."""
+    return f"{name} is not a readable {kind} file: it is truncated or corrupt (e.g. an interrupted download); download it again."
+
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 _DROPPED_PREFIXES = ("fake_score.", "discriminator.", "repa_loss.", "teacher.")
@@ -60,11 +68,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
     try:
         return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(
-            f"{path.name} is not a readable safetensors file ({err}); it is probably truncated or corrupt: "
-            "download it again."
-        ) from None
+    except (SafetensorError, OSError):
+        raise CheckpointError(damaged_file(path.name)) from None
 
 
 def load_pickle(path: Path, advice: str = ""):
@@ -78,15 +83,14 @@ def load_pickle(path: Path, advice: str = ""):
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f" ({found.group(1)})" if found else ""
         raise CheckpointError(
-            f"{path.name} contains Python objects beyond plain tensors, which could run code when loaded; it was "
-            f"refused for safety (torch.load weights_only: {str(err).splitlines()[0]}).{advice}"
+            f"{path.name} contains Python objects beyond plain tensors{what}, which could run code when loaded; it was "
+            f"refused for safety and nothing in it was run.{advice}"
         ) from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(
-            f"{path.name} could not be read ({str(err).splitlines()[0]}); the file is probably truncated or "
-            "corrupt: download it again."
-        ) from None
+    except (RuntimeError, EOFError, OSError):
+        raise CheckpointError(damaged_file(path.name, "PyTorch checkpoint")) from None
 
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
@@ -238,10 +242,12 @@ def _own_name(path: str | os.PathLike) -> str:
 
 
 def space_from_path(path: str | os.PathLike, candidates: tuple[LatentSpace, ...]) -> LatentSpace | None:
+    """The first family the file's own name hints at among ``candidates`` (a hint of another family, e.g. "flux2"
+    in a 16-channel file's name, does not stop the search: "flux" may still follow)."""
     text = _own_name(path)
     for space, hints in _SPACE_HINTS:
-        if any(h in text for h in hints):
-            return space if space in candidates else None
+        if space in candidates and any(h in text for h in hints):
+            return space
     return None
 
 
@@ -279,7 +285,7 @@ class CheckpointInfo:
     config: NetworkConfig
     space: LatentSpace | None  # None when the 16-channel family cannot be decided
     candidates: tuple[LatentSpace, ...]
-    training: str  # "2k", "2kto4k" or "unknown"
+    training: str  # "2k" or "2kto4k" (``assumed`` says when the weights did not tell it)
     distilled: bool  # False: an undistilled teacher, sampled with DPM-Solver and CFG (pid_core.teacher)
     released: str | None  # name in RELEASED_CHECKPOINTS when one matches
     parameters: int
@@ -341,6 +347,27 @@ def _distilled(
     return True
 
 
+def _training(
+    config: NetworkConfig, space: LatentSpace | None, path: str | os.PathLike, detected: list[str], assumed: list[str]
+) -> str:
+    """The training range: from the weights when every release of their shape agrees, else from the file path, else
+    from the current (not superseded) releases of that shape, else the narrower 2k range, so that the range warning
+    and size auto stay on the safe side."""
+    releases = _match_release(config, space, None)
+    if len(trainings := {r.training for r in releases}) == 1:
+        detected.append("training resolution")
+        return trainings.pop()
+    if (training := training_from_path(path)) is not None:
+        assumed.append("training resolution (from the file path)")
+        return training
+    if len(current := {r.training for r in releases if not r.legacy}) == 1:
+        training = current.pop()
+        assumed.append(f"training resolution {training} (the current release of this network; the path does not say)")
+        return training
+    assumed.append("training resolution 2k (the weights and the path do not tell it; 2k is the narrower range)")
+    return "2k"
+
+
 def inspect_state_dict(
     tensors: dict[str, torch.Tensor],
     path: str | os.PathLike,
@@ -369,12 +396,7 @@ def inspect_state_dict(
 
     distilled = _distilled(tensors, path, detected, assumed)
     if training is None:
-        trainings = {r.training for r in _match_release(config, space, None)}
-        if len(trainings) == 1:
-            training = trainings.pop()
-            detected.append("training resolution")
-        elif (training := training_from_path(path)) is not None:
-            assumed.append("training resolution (from the file path)")
+        training = _training(config, space, path, detected, assumed)
     else:
         assumed.append("training resolution (given)")
 
@@ -385,7 +407,7 @@ def inspect_state_dict(
         config=config,
         space=space,
         candidates=candidates,
-        training=training or "unknown",
+        training=training,
         distilled=distilled,
         released=matches[0].name if space is not None and training is not None and len(matches) == 1 else None,
         parameters=sum(t.numel() for t in network_tensors(tensors).values()),

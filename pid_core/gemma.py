@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import damaged_file
 from .layers import CastOps
 
 TOKENIZER_KEY = "spiece_model"  # ComfyUI embeds the SentencePiece model under this key
@@ -40,6 +41,8 @@ _IGNORED_KEYS = ("lm_head.", "scaled_fp8", "_quantization_metadata")  # PiD uses
 
 class GemmaError(ValueError):
     """A file that cannot be used as PiD's Gemma-2 text encoder; the message says why and what to do."""
+
+    __module__ = "pid_core"  # as CheckpointError: ComfyUI names the type by its module
 
 
 # --------------------------------------------------------------------------- configuration
@@ -293,8 +296,8 @@ def weight_files(path: str | Path) -> tuple[Path, ...]:
     if path.name.endswith(".json"):
         try:
             shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, OSError) as err:
-            raise GemmaError(f"{path.name} is not a safetensors index (no readable weight_map: {err}).") from None
+        except (ValueError, KeyError, OSError):
+            raise GemmaError(f"{path.name} is not a safetensors index: it has no readable weight_map.") from None
         files = tuple(path.parent / s for s in shards)
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -320,10 +323,8 @@ def _read_raw(files: tuple[Path, ...]) -> tuple[dict[str, torch.Tensor], dict[st
                 metadata.update(f.metadata() or {})
                 for key in f.keys():
                     tensors[key] = f.get_tensor(key)
-        except (SafetensorError, OSError) as err:
-            raise GemmaError(
-                f"{file.name} is not a readable safetensors file ({err}); it is probably truncated: download it again."
-            ) from None
+        except (SafetensorError, OSError):
+            raise GemmaError(damaged_file(file.name)) from None
     return tensors, metadata
 
 

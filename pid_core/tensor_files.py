@@ -10,6 +10,8 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .checkpoint import damaged_file
+
 COMFY_LATENT_KEY = "latent_tensor"  # what ComfyUI's SaveLatent writes (a .latent is a safetensors file)
 
 
@@ -19,8 +21,8 @@ def _single_tensor(path: str | Path, preferred: str, what: str) -> torch.Tensor:
         raise ValueError(f"{what} file not found: {path}.")
     try:
         tensors = load_file(str(path))
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path.name} is not a readable safetensors/.latent file ({err}).") from None
+    except (SafetensorError, OSError):
+        raise ValueError(damaged_file(path.name, "safetensors/.latent")) from None
     if preferred in tensors:
         return tensors[preferred]
     candidates = {k: v for k, v in tensors.items() if v.ndim >= 2}

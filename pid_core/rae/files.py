@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError, load_pickle
+from ..checkpoint import CheckpointError, damaged_file, load_pickle
 
 DINOV2, SIGLIP, DECODER, STATS = "dinov2 encoder", "siglip encoder", "decoder", "statistics"
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
@@ -81,11 +81,8 @@ def _from_safetensors(path: Path) -> RAEFile:
             kind, prefix = _kind(keys, path.name)
             wanted = [k for k in keys if k.startswith(prefix)] if kind != DECODER else keys
             tensors = {k[len(prefix) if kind == DINOV2 else 0:]: f.get_tensor(k) for k in wanted}
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(
-            f"{path.name} is not a readable safetensors file ({err}); it is probably truncated or corrupt: "
-            "download it again."
-        ) from None
+    except (SafetensorError, OSError):
+        raise CheckpointError(damaged_file(path.name)) from None
     config = _decoder_config(path) if kind == DECODER else _hf_config(path, kind)
     return RAEFile(kind, path, tensors, config)
 
