@@ -7,6 +7,12 @@ runners may import the pack root).
 
 
 async def comfy_entrypoint():
+    import comfyui_version
+
+    from .pid_core.versions import MIN_COMFYUI, too_old
+
+    if problem := too_old("ComfyUI", comfyui_version.__version__, MIN_COMFYUI, "update ComfyUI"):
+        raise ImportError(problem)
     from .nodes.paths import register_folders
 
     register_folders()  # before the node schemas list the folder's files

@@ -3,6 +3,11 @@
 Never imports ComfyUI; the pack's ``nodes/`` are thin glue over this package.
 """
 
+from .versions import check_torch
+
+check_torch()  # before anything that needs a newer torch fails with a less helpful message
+
+
 from .api import PiDDecoder, build_network, decode
 from .captions import CaptionEncoder, empty_caption_embedding
 from .checkpoint import CheckpointError, CheckpointInfo, load_checkpoint
