@@ -359,6 +359,7 @@ def decode(
     plan = plan_decode(network, height, width, batch=y.shape[0], tiling=tiling, tile_size=tile_size,
                        memory_budget=memory_budget, device=device, compute_dtype=dtype)
     log.info("PiD decode: %s", plan.describe())
+    _refuse_beyond_system_memory(plan, batch, device)
     if not plan.fits:
         warnings.warn(
             f"PiD may run out of memory: {plan.describe()}. Use tiling with a smaller tile size, a smaller output "
@@ -397,6 +398,27 @@ def decode(
     return x0.clamp(-1.0, 1.0).cpu()
 
 
+def _refuse_beyond_system_memory(plan: DecodePlan, pictures: int, device: torch.device) -> None:
+    """Refuse, before anything is allocated, a decode that needs more system memory than is free. A CPU reports no
+    out-of-memory error: the operating system kills the process (a ComfyUI server with its whole queue). On a CPU
+    the working memory is system memory; on a GPU the finished pictures come back to it (and a copy is made)."""
+    free = available_memory("cpu")
+    if free is None:
+        return
+    if device.type == "cpu":
+        needed, what = plan.memory.activations, "of working memory"
+    else:
+        needed, what = 2 * pictures * 3 * plan.height * plan.width * 4, "of system memory for the finished pictures"
+    if needed <= free:
+        return
+    fix = "turn tiling on (or auto), " if device.type == "cpu" and plan.tiles is None else ""
+    raise MemoryError(
+        f"Decoding {pictures} picture(s) of {plan.width}x{plan.height} px {plan.how()} needs about {needed / GB:.1f} GB "
+        f"{what}, but only {free / GB:.1f} GB is free: {fix}choose a smaller output size or fewer pictures, or free "
+        "memory; it was not started, so that running out of memory cannot kill the process."
+    )
+
+
 def sampler_steps(steps: int | None, distilled: bool) -> int:
     """The steps a decode runs: ``steps``, or (None or 0) the checkpoint's own, 4 for students, 25 for teachers."""
     return steps or (STUDENT_STEPS if distilled else TEACHER_STEPS)
@@ -430,7 +452,7 @@ def _required_negative_caption(negative_caption: torch.Tensor | None) -> torch.T
 
 def _training(info: CheckpointInfo | None) -> str | None:
     """The checkpoint's training range ("2k", "2kto4k"), or None when unknown."""
-    return None if info is None or info.training == "unknown" else info.training
+    return None if info is None else info.training
 
 
 @dataclass

@@ -270,8 +270,9 @@ def _normalize_flux2(packed: Tensor, bn: tuple[Tensor, Tensor] | None) -> Tensor
     """The Flux.2 VAE's eval BatchNorm (no affine): ``(z - mean) / sqrt(var + 1e-4)``."""
     if bn is None:
         raise ValueError(
-            "A raw 32-channel Flux.2 latent needs the Flux.2 VAE's BatchNorm statistics to be normalized; "
-            "connect the matching Flux.2 VAE or pass a packed 128-channel Flux.2 LATENT."
+            "This is a raw 32-channel Flux.2 VAE latent, which only the Flux.2 VAE's BatchNorm statistics can "
+            "normalize: decode the 128-channel latent that ComfyUI's Flux.2 samplers and VAE Encode give instead "
+            "(in Python, pid_core's decode takes the statistics as flux2_bn)."
         )
     mean, var = (torch.as_tensor(t, dtype=torch.float32, device=packed.device).flatten() for t in bn)
     channels = packed.shape[1]

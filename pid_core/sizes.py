@@ -22,6 +22,10 @@ SIZE_MULTIPLE = 64
 
 SizeLike = str | int | Sequence[int]
 
+# Four times the largest side any checkpoint was trained at: beyond it no decode is sensible, and the picture alone
+# (float32 RGB) would take gigabytes, so such a size is refused before anything is planned or allocated.
+MAX_OUTPUT_SIDE = 16384
+
 
 # What size "auto" draws, by training range: the long side of a 2k checkpoint, the cap of a 2kto4k one.
 AUTO_LONG_SIDE = {"2k": 2048, "2kto4k": 4096}
@@ -90,6 +94,11 @@ def _positive_pair(pair: Sequence[int], what: str) -> tuple[int, int]:
 
 
 def _checked(height: int, width: int) -> tuple[int, int]:
+    if max(height, width) > MAX_OUTPUT_SIDE:
+        raise ValueError(
+            f"A {width}x{height} px output is beyond what PiD can sensibly draw (at most {MAX_OUTPUT_SIDE} px a side; "
+            "checkpoints are trained up to 4096): choose the auto, 2048 or 4096 output size, or a smaller latent."
+        )
     if height % PATCH_SIZE or width % PATCH_SIZE:
         raise ValueError(
             f"PiD output sides must be multiples of {PATCH_SIZE} (its patch size), got {height}x{width}; "

@@ -165,7 +165,7 @@ def test_flux2_raw_latent_is_packed_and_batchnorm_normalized():
 
 
 def test_flux2_raw_latent_without_batchnorm_stats_is_refused():
-    with pytest.raises(ValueError, match="BatchNorm statistics"):
+    with pytest.raises(ValueError, match="BatchNorm statistics .* the 128-channel latent that ComfyUI's Flux.2 samplers"):
         to_network_latent(torch.zeros(1, 32, 4, 4), "flux2", 0.0)
 
 

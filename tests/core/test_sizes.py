@@ -107,11 +107,19 @@ def test_explicit_size():
         ("huge", "Unknown output size 'huge'"),
         (32, "at least 64"),
         (-2048, "at least 64"),
+        (16448, "16448x16448 px output is beyond .*at most 16384 px a side"),
+        ((16, 16400), "at most 16384 px a side"),
     ],
 )
 def test_bad_sizes(size, message):
     with pytest.raises(ValueError, match=message):
         output_size((64, 64), FLUX, size)
+
+
+def test_a_native_size_beyond_the_largest_sensible_side_is_refused():
+    assert output_size((512, 8), FLUX) == (16384, 256)  # the limit itself is allowed
+    with pytest.raises(ValueError, match="65536x256 px output is beyond"):
+        output_size((8, 2048), FLUX)  # a 16384 px generation's latent, native 4x
 
 
 @pytest.mark.parametrize("latent_hw", [(0, 64), (64,), "64x64", (64, -1)])

@@ -315,3 +315,24 @@ def test_running_out_of_memory_with_no_smaller_plan_left_is_a_clear_error(tiling
             decode(net, latent, space="flux", caption=torch.zeros(1, 300, 32), steps=1, tiling=tiling,
                    memory_budget=10**12)
     assert hint in str(error.value)
+
+
+def test_a_decode_beyond_free_system_memory_is_refused_before_any_network_call(monkeypatch):
+    """On a CPU the system kills a process that runs out of memory (torch raises nothing), so such a plan is refused
+    up front; the same plan runs when the memory is there."""
+    import pid_core.api as api
+
+    net = tiny_network("flux_2k")
+    latent, caption = torch.randn(1, 16, 12, 12), torch.zeros(1, 300, net.config.txt_embed_dim)
+    needed = plan_decode(net, 384, 384, tiling="off", memory_budget=10**12).memory.activations
+    calls = []
+    monkeypatch.setattr(api, "available_memory", lambda device: needed - 1)
+    with pytest.raises(MemoryError, match=r"384x384 px whole needs about .* GB of working memory, but only .* free: "
+                                          r"turn tiling on"):
+        decode(net, latent, space="flux", caption=caption, steps=1, tiling="off", memory_budget=10**12,
+               call_callback=lambda *args: calls.append(args))
+    assert calls == []
+    monkeypatch.setattr(api, "available_memory", lambda device: needed)
+    decode(net, latent, space="flux", caption=caption, steps=1, tiling="off", memory_budget=10**12,
+           call_callback=lambda *args: calls.append(args))
+    assert len(calls) == 1
