@@ -5,6 +5,8 @@ imported inside it, so the package also imports outside ComfyUI (``pid_core`` ru
 runners may import the pack root).
 """
 
+WEB_DIRECTORY = "./web"  # the frontend extension that starts PiD Decode with a fixed seed
+
 
 async def comfy_entrypoint():
     import comfyui_version

@@ -23,7 +23,15 @@ import comfy.model_patcher
 import comfy.ops
 import folder_paths
 
-from ..pid_core.captions import NEGATIVE_PROMPT, CaptionTokenizer, encode_captions, load_tokenizer
+from ..pid_core.captions import (
+    NEGATIVE_PROMPT,
+    CaptionEncoder,
+    CaptionTokenizer,
+    any_cached_caption,
+    encode_captions,
+    load_tokenizer,
+)
+from ..pid_core.download import GEMMA_FILES
 from ..pid_core.gemma import TOKENIZER_KEY, build_gemma, gemma_weights_from_state_dict, read_gemma
 from .common import CATEGORY, NODE_PREFIX
 
@@ -37,6 +45,7 @@ COMPUTE_DTYPE = torch.bfloat16
 # "gemma2_2b.transformer.model."); the Gemma weights are what lies under the prefix of this key.
 _EMBEDDING_KEY = "model.embed_tokens.weight"
 _CLIP_NAME = "The connected CLIP"
+PID_CAPTION_KEY = "pid_caption"  # marks PiD Caption's CONDITIONING
 NEGATIVE_CAPTION_KEY = "pid_negative_caption"
 
 
@@ -69,6 +78,23 @@ def _encode_with_file(gemma_name: str, texts: list[str]) -> list[torch.Tensor]:
     )
     mm.load_models_gpu([patcher])
     return _encode(model, tokenizer, texts, patcher.load_device)
+
+
+def default_captions(hidden_size: int) -> tuple[torch.Tensor | None, torch.Tensor | None, str | None]:
+    """The empty caption and the negative prompt's embeddings for a decode given no caption, and where they came
+    from: PiD's caption cache (filled by the command line and earlier decodes), else Gemma-2-2B-it from
+    models/text_encoders under its released name (loaded once, then cached); (None, None, None) without either."""
+    if (empty := any_cached_caption("", hidden_size)) is not None:
+        return empty, any_cached_caption(NEGATIVE_PROMPT, hidden_size), "PiD's caption cache"
+    released = {name.rsplit("/", 1)[-1] for name in GEMMA_FILES.values()}
+    for name in folder_paths.get_filename_list(TEXT_ENCODERS):
+        if name.rsplit("/", 1)[-1] in released:
+            path = folder_paths.get_full_path_or_raise(TEXT_ENCODERS, name)
+            with _warnings_to_log():
+                encoder = CaptionEncoder.load(path, dtype=COMPUTE_DTYPE, operations=comfy.ops.manual_cast)
+                if encoder.model.config.hidden_size == hidden_size:
+                    return encoder.empty_caption(), encoder.negative_caption(), f"models/text_encoders/{name}"
+    return None, None, None
 
 
 def _gemma_prefix(state_dict: dict[str, torch.Tensor]) -> str:
@@ -154,4 +180,4 @@ class PiDCaption(io.ComfyNode):
         else:
             embedding, negative = _encode_with_file(gemma_name, texts)
         log.info("PiD Caption: %d characters -> caption %s", len(text), tuple(embedding.shape))
-        return io.NodeOutput([[embedding, {"pid_caption": True, NEGATIVE_CAPTION_KEY: negative}]])
+        return io.NodeOutput([[embedding, {PID_CAPTION_KEY: True, NEGATIVE_CAPTION_KEY: negative}]])

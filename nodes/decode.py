@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -12,15 +13,16 @@ from PIL import Image
 
 import comfy.model_management as mm
 import comfy.utils
+from server import PromptServer
 
 from ..pid_core.api import decode, guidance_scale, output_shape, plan_decode, sampler_steps
-from ..pid_core.config import LatentSpace
+from ..pid_core.config import LatentSpace, NetworkConfig
 from ..pid_core.memory import SAFETY
 from ..pid_core.sampler import MAX_STEPS, STUDENT_STEPS
 from ..pid_core.teacher import MAX_TEACHER_STEPS, TEACHER_CFG, TEACHER_STEPS
 from ..pid_core.tiling import TILING_MODES
 from . import metadata
-from .caption import NEGATIVE_CAPTION_KEY
+from .caption import NEGATIVE_CAPTION_KEY, PID_CAPTION_KEY, default_captions
 from .common import CATEGORY, NODE_PREFIX, PiDDecoderType
 
 log = logging.getLogger("comfyui-pid")
@@ -34,13 +36,45 @@ def _size(choice: str) -> str | int:
     return {"auto": "auto", "native 4x": "native"}.get(choice) or int(choice)
 
 
-def _caption(conditioning) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The caption and the negative prompt's embedding that PiD Caption brings along (for undistilled checkpoints),
-    from PiD Caption's output or any CONDITIONING whose tensor is [B, 300, D] (newer ComfyUI's pixeldit encoder)."""
+def _caption(conditioning, config: NetworkConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The caption and the negative prompt's embedding that PiD Caption brings along (for undistilled checkpoints).
+    Besides PiD Caption's output, a conditioning in PiD's exact layout is taken ([B, 300, width], e.g. from newer
+    ComfyUI's pixeldit CLIP); any other is refused, as a decode with it would quietly go wrong."""
     if not conditioning:
         return None, None
+    if len(conditioning) != 1:
+        raise ValueError(f"PiD Decode: the caption holds {len(conditioning)} conditionings (combined or concatenated); "
+                         "connect one PiD Caption.")
     embedding, extra = conditioning[0][0], conditioning[0][1]
-    return embedding, extra.get(NEGATIVE_CAPTION_KEY)
+    if extra.get(PID_CAPTION_KEY):
+        return embedding, extra.get(NEGATIVE_CAPTION_KEY)
+    layout = [config.txt_max_length, config.txt_embed_dim]
+    if embedding.ndim == 3 and list(embedding.shape[1:]) == layout:
+        log.info("PiD Decode: the caption did not come from PiD Caption, but it has PiD's layout %s (e.g. ComfyUI's "
+                 "pixeldit text encoder); it is used as it is.", layout)
+        return embedding, None
+    raise ValueError(
+        f"PiD Decode: the caption is not a PiD caption: it is a {tuple(embedding.shape)} conditioning, while PiD reads "
+        f"Gemma-2 hidden states [B, {layout[0]}, {layout[1]}] in its own layout (a diffusion model's text encoder "
+        "gives another); connect PiD Caption, or leave caption unconnected."
+    )
+
+
+@contextmanager
+def _warnings_on_node(node_id: str):
+    """pid_core reports through ``warnings``: each goes to the log and, as it happens, onto the node in the UI."""
+    shown: list[str] = []
+
+    def show(message, *_args, **_kwargs) -> None:
+        log.warning("PiD Decode: %s", message)
+        shown.append(str(message))
+        if PromptServer.instance is not None:
+            PromptServer.instance.send_progress_text("\n".join(shown), node_id)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        yield
 
 
 def _preview(x0: torch.Tensor) -> tuple[str, Image.Image, int]:
@@ -104,7 +138,8 @@ class PiDDecode(io.ComfyNode):
                     f"{MAX_STEPS}), {TEACHER_STEPS} for undistilled checkpoints.",
                 ),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Seed of PiD's pixel noise (same seed, same picture on any device)."),
+                             tooltip="Seed of PiD's pixel noise (same seed, same picture on any device). New nodes "
+                             "start with it fixed: re-queueing an unchanged graph reuses the decode."),
                 io.Float.Input(
                     "sigma", default=0.0, min=0.0, max=1.0, step=0.001,
                     tooltip="Noise level of the latent, used only when it carries no PiD metadata (e.g. it comes "
@@ -116,8 +151,10 @@ class PiDDecode(io.ComfyNode):
                 ),
                 io.Conditioning.Input(
                     "caption", optional=True,
-                    tooltip="The caption from PiD Caption (or a [B, 300, 2304] conditioning). Without it PiD decodes "
-                    "with an empty caption, at some cost in detail.",
+                    tooltip="The caption from PiD Caption (or a conditioning in PiD's [B, 300, 2304] layout, e.g. "
+                    "from newer ComfyUI's pixeldit CLIP; any other is refused). Unconnected: the empty caption, from "
+                    "PiD's caption cache or from Gemma-2-2B-it in models/text_encoders (loaded once); with neither, "
+                    "an all-zero caption (lower quality), with a warning on this node.",
                 ),
                 io.Combo.Input(
                     "tiling", options=list(TILING_MODES), default=TILING_MODES[0], optional=True,
@@ -137,6 +174,7 @@ class PiDDecode(io.ComfyNode):
                 ),
             ],
             outputs=[io.Image.Output(display_name="image")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -148,9 +186,16 @@ class PiDDecode(io.ComfyNode):
         samples, tile_size = latent["samples"], tile_size or None
         patcher = pid_decoder.patcher
         height, width = output_shape(patcher.model, samples, space=space, size=_size(size), info=pid_decoder.info)
-        embedding, negative = _caption(caption)
-        distilled = pid_decoder.info.distilled
-        branches = 1 if guidance_scale(cfg or None, distilled, embedding is not None) == 1 else 2
+        embedding, negative = _caption(caption, patcher.model.config)
+        distilled, cfg = pid_decoder.info.distilled, cfg or None
+        if embedding is None:
+            embedding, negative, source = default_captions(patcher.model.config.txt_embed_dim)
+            if source is not None:
+                log.info("PiD Decode: no caption connected; the empty caption from %s", source)
+                if negative is None and not distilled:
+                    log.info("PiD Decode: without the negative prompt's embedding the decode runs without guidance")
+                    cfg = 1.0
+        branches = 1 if guidance_scale(cfg, distilled, embedding is not None) == 1 else 2
         needed = _memory_to_ask(patcher, height, width, samples.shape[0] * branches, tiling, tile_size)
         mm.load_models_gpu([patcher], memory_required=needed)
         device = patcher.load_device
@@ -166,18 +211,15 @@ class PiDDecode(io.ComfyNode):
             mm.throw_exception_if_processing_interrupted()
             pbar.update_absolute(pbar.current, pbar.total, _preview(x0))
 
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with _warnings_on_node(cls.hidden.unique_id):
             image = decode(
                 patcher.model, samples, space=space, sigma=sigmas, caption=embedding, negative_caption=negative,
-                cfg=cfg or None,
+                cfg=cfg,
                 size=_size(size), steps=steps, seed=seed, info=pid_decoder.info, callback=step_done,
                 device=device, tiling=tiling, tile_size=tile_size,
                 memory_budget=int(mm.get_free_memory(device) * SAFETY), call_callback=network_call,
                 attention=pid_decoder.attention,
             )
-        for warning in caught:
-            log.warning("PiD Decode: %s", warning.message)
         if (crop := latent.get(metadata.CROP_KEY)) is not None:
             log.info(
                 "PiD Decode: %dx%d output of the centred %dx%d crop of a %dx%d picture", image.shape[-1], image.shape[-2],

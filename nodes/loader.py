@@ -18,7 +18,7 @@ from ..pid_core.checkpoint import CheckpointInfo, load_checkpoint
 from ..pid_core.config import LatentSpace
 from ..pid_core.rae import load_rae
 from ..pid_core.runtime import ATTENTION_BACKENDS, compile_blocks
-from . import paths
+from . import model_family, paths
 from .common import CATEGORY, NODE_PREFIX, PiDDecoderType
 
 log = logging.getLogger("comfyui-pid")
@@ -40,6 +40,35 @@ class PiDDecoderModel:
     @property
     def space(self) -> LatentSpace | None:
         return self.info.space
+
+
+def check_vae(vae, vae_name: str, info: CheckpointInfo, pid_name: str) -> None:
+    """Refuse a VAE whose weights belong to another family than the checkpoint's; warn when only its file name
+    says another family (Flux.1 and SD3 VAEs have the same weights' shapes: an SD3 VAE with a Flux checkpoint
+    gives wrong colours)."""
+    channels = getattr(vae, "latent_channels", None)
+    if channels != info.config.latent_channels:
+        raise ValueError(
+            f"The VAE {vae_name} makes {channels}-channel latents, but {pid_name} decodes "
+            f"{info.config.latent_channels}-channel ones: pick the VAE of the model family this PiD "
+            "checkpoint was made for, or none."
+        )
+    own = (info.space,) if info.space is not None else info.candidates
+    allowed = [s for s in model_family.vae_spaces(vae) if s in own]
+    if not allowed:
+        vae_families = "/".join(model_family.family_name(s) for s in model_family.vae_spaces(vae))
+        raise ValueError(
+            f"The VAE {vae_name} is a {vae_families} VAE, but {pid_name} decodes "
+            f"{'/'.join(model_family.family_name(s) for s in own)} latents: pick the VAE of that family, or none."
+        )
+    named = model_family.vae_family_from_name(vae_name)
+    if named is not None and named not in {model_family.family_name(s) for s in allowed}:
+        log.warning(
+            "PiD: by its name, the VAE %s is for %s models, but %s decodes %s latents; if so, pictures encoded with "
+            "it come out in wrong colours (pick the VAE of that family; Flux.1 and SD3 VAEs have the same shapes, so "
+            "their weights cannot tell them apart).",
+            vae_name, named, pid_name, "/".join(model_family.family_name(s) for s in allowed),
+        )
 
 
 def load_rae_patcher(rae_name: str, info: CheckpointInfo, weight_dtype: str) -> comfy.model_patcher.ModelPatcher:
@@ -67,13 +96,7 @@ def load_decoder(
     vae = None
     if vae_name != NONE:
         (vae,) = comfy_nodes.VAELoader().load_vae(vae_name)
-        channels = getattr(vae, "latent_channels", None)
-        if channels != info.config.latent_channels:
-            raise ValueError(
-                f"The VAE {vae_name} makes {channels}-channel latents, but {pid_name} decodes "
-                f"{info.config.latent_channels}-channel ones: pick the VAE of the model family this PiD "
-                "checkpoint was made for, or none."
-            )
+        check_vae(vae, vae_name, info, pid_name)
     log.info(
         "PiD: loaded %s (%s, %s, training %s, space %s)", pid_name, info.version, info.file_format, info.training,
         info.space.value if info.space else "undecided",

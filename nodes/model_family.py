@@ -32,8 +32,30 @@ _EXIT_BY_SPACE = {
 DISTILLED_MAX_STEPS = 10
 
 
+# Video models share Qwen-Image's latent format (the Wan 2.1 VAE); PiD decodes pictures, not videos.
+_VIDEO_CONFIGS = ("WAN21_T2V",)
+
+# VAE file names that say a family (checked in order: "flux2" before "flux"); SD 1.x is no PiD family.
+_VAE_NAME_HINTS = (
+    ("Flux.2", ("flux2", "flux.2", "flux_2", "klein")),
+    ("SDXL", ("sdxl",)),
+    ("SD3", ("sd3",)),
+    ("Flux.1", ("flux", "z_image", "zimage", "lumina")),
+    ("Qwen-Image", ("qwen",)),
+    ("SD 1.x", ("sd15", "sd1.5", "sd_1.5", "v1-5", "vae-ft-mse", "sd-vae")),
+)
+_FAMILY_NAMES = {LatentSpace.FLUX: "Flux.1", LatentSpace.SD3: "SD3", LatentSpace.SDXL: "SDXL",
+                 LatentSpace.FLUX2: "Flux.2", LatentSpace.QWENIMAGE: "Qwen-Image"}  # fmt: skip
+
+
 def latent_space(model) -> LatentSpace:
     fmt = model.get_model_object("latent_format")
+    config = type(model.model.model_config)
+    if video := [c.__name__ for c in config.__mro__ if c.__name__ in _VIDEO_CONFIGS]:
+        raise ValueError(
+            f"This is a video model ({config.__name__}, of the {video[0]} family); PiD decodes pictures of Flux.1, "
+            "Z-Image, SD3, SDXL, Flux.2 and Qwen-Image models: use VAE Decode for videos."
+        )
     space = _SPACES.get(type(fmt))
     if space is None:
         raise ValueError(
@@ -64,3 +86,25 @@ def auto_exit_step(model, space: LatentSpace, sigmas: torch.Tensor, scheduler_si
         if float(sigmas[step]) <= target:
             return step
     return steps
+
+
+def vae_spaces(vae) -> tuple[LatentSpace, ...]:
+    """The latent spaces a ComfyUI VAE's weights allow: its latent channels, and for 16 channels its architecture
+    (Qwen-Image's is the Wan 2.1 video VAE; Flux.1 and SD3 share one, so their weights cannot tell them apart)."""
+    channels = getattr(vae, "latent_channels", None)
+    if channels == 16:
+        wan = type(vae.first_stage_model).__name__ == "WanVAE"
+        return (LatentSpace.QWENIMAGE,) if wan else (LatentSpace.FLUX, LatentSpace.SD3)
+    return {4: (LatentSpace.SDXL,), 128: (LatentSpace.FLUX2,)}.get(channels, ())
+
+
+def vae_family_from_name(name: str) -> str | None:
+    """The model family a VAE's file name says (e.g. "sd3_vae.safetensors": SD3), or None."""
+    text = name.replace("\\", "/").rsplit("/", 1)[-1].lower()
+    if text == "ae.safetensors":  # the name Black Forest Labs gave the Flux.1 VAE
+        return "Flux.1"
+    return next((family for family, hints in _VAE_NAME_HINTS if any(h in text for h in hints)), None)
+
+
+def family_name(space: LatentSpace) -> str:
+    return _FAMILY_NAMES.get(space, space.value)

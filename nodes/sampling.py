@@ -41,8 +41,10 @@ class PiDKSampler(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="The random seed used for creating the noise."),
                 io.Int.Input("steps", default=28, min=1, max=10000, tooltip="Steps of the whole schedule (as in KSampler)."),
-                io.Float.Input("cfg", default=3.5, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance scale, as in KSampler."),
+                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale, as in KSampler (and its default). Flux.1, "
+                               "Z-Image-Turbo and Flux.2 Klein want 1.0 (Flux.1 dev takes its guidance from "
+                               "FluxGuidance), as the example workflows set it."),
                 io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, tooltip="The sampling algorithm."),
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, tooltip="The noise schedule."),
                 io.Conditioning.Input("positive", tooltip="What to include in the picture."),

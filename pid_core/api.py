@@ -63,8 +63,9 @@ def _caption_tensor(caption: torch.Tensor | None, batch: int, network: PiDNetwor
     config = network.config
     if caption is None:
         warnings.warn(
-            "No caption embedding given: decoding with an all-zero caption, which lowers quality. "
-            "Connect a PiD Caption (or pass --gemma, or --caption-embedding).",
+            "No caption: decoding with an all-zero caption, which lowers quality. Give PiD a caption (in ComfyUI "
+            "PiD Caption, or Gemma-2-2B-it in models/text_encoders for the empty caption; on the command line --gemma "
+            "or --caption-embedding).",
             stacklevel=3,
         )
         return torch.zeros(batch, config.txt_max_length, config.txt_embed_dim)

@@ -222,9 +222,15 @@ def gemma_identity(path: str | Path, tokenizer: str | Path | None = None) -> str
     return digest.hexdigest()
 
 
-def _cache_key(identity: str, dtype: torch.dtype) -> str:
+def _layout(dtype: torch.dtype) -> str:
+    """What besides the Gemma weights decides a cached embedding: the cache version, the system prompt, the length
+    and the compute dtype."""
     prompt = hashlib.sha256(system_prompt().encode()).hexdigest()
-    return hashlib.sha256(f"{_CACHE_VERSION}|{identity}|{prompt}|{CAPTION_LENGTH}|{dtype}".encode()).hexdigest()[:20]
+    return f"{_CACHE_VERSION}|{prompt}|{CAPTION_LENGTH}|{dtype}"
+
+
+def _cache_key(identity: str, dtype: torch.dtype) -> str:
+    return hashlib.sha256(f"{identity}|{_layout(dtype)}".encode()).hexdigest()[:20]
 
 
 def cached_caption_path(
@@ -248,13 +254,14 @@ def _read_cached(path: Path) -> torch.Tensor | None:
     return embedding if embedding.ndim == 3 and embedding.shape[:2] == (1, CAPTION_LENGTH) else None
 
 
-def _write_cached(path: Path, embedding: torch.Tensor, source: str, text: str) -> None:
+def _write_cached(path: Path, embedding: torch.Tensor, source: str, text: str, dtype: torch.dtype) -> None:
     from safetensors.torch import save_file
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-        save_file({"caption": embedding.contiguous()}, str(partial), metadata={"gemma": source, "prompt": text})
+        metadata = {"gemma": source, "prompt": text, "layout": _layout(dtype)}
+        save_file({"caption": embedding.contiguous()}, str(partial), metadata=metadata)
         os.replace(partial, path)
     except OSError as err:
         warnings.warn(
@@ -304,7 +311,7 @@ class CaptionEncoder:
         if cached is not None and cached.shape[-1] == self.model.config.hidden_size:
             return cached
         embedding = self.encode([text])
-        _write_cached(path, embedding, self.name, text)
+        _write_cached(path, embedding, self.name, text, self.dtype)
         return embedding
 
     def empty_caption(self, directory: str | Path | None = None) -> torch.Tensor:
@@ -334,6 +341,29 @@ def cached_caption_embedding(
     return CaptionEncoder.load(gemma, tokenizer, dtype, device, operations).cached(text, directory)
 
 
+def any_cached_caption(
+    text: str, hidden_size: int, directory: str | Path | None = None, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor | None:
+    """The newest cached embedding of a fixed ``text`` by any Gemma-2 file of ``hidden_size`` (the bf16 and fp8 repacks
+    of Gemma-2-2B-it give the same captions to within their rounding), or None when the cache has none. For a
+    decode without a caption and without a Gemma file at hand."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(Path(directory or cache_dir()).glob("pid_*caption_*.safetensors"),
+                   key=lambda f: f.stat().st_mtime, reverse=True)  # fmt: skip
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                metadata = f.metadata() or {}
+        except (SafetensorError, OSError):
+            continue
+        if metadata.get("prompt") == text and metadata.get("layout") == _layout(dtype):
+            embedding = _read_cached(file)
+            if embedding is not None and embedding.shape[-1] == hidden_size:
+                return embedding
+    return None
+
+
 def empty_caption_embedding(gemma: str | Path, directory: str | Path | None = None, **kwargs) -> torch.Tensor:
     """The empty caption's embedding for the Gemma file ``gemma`` (see :func:`cached_caption_embedding`)."""
     return cached_caption_embedding(gemma, "", directory, **kwargs)
@@ -347,6 +377,7 @@ __all__ = [
     "CaptionTokenizer",
     "CaptionTokens",
     "cache_dir",
+    "any_cached_caption",
     "cached_caption_embedding",
     "empty_caption_embedding",
     "encode_captions",

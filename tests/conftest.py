@@ -28,8 +28,10 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -61,6 +63,7 @@ MODEL_FOLDERS = ("pid", "vae", "diffusion_models", "checkpoints", "text_encoders
 
 START_TIMEOUT = float(os.environ.get("PID_COMFY_START_TIMEOUT", "180"))
 LOG_TAIL_LINES = 60
+BINARY_TEXT_EVENT = 3  # ComfyUI's protocol.BinaryEventTypes.TEXT: text shown on a node (progress_text)
 
 
 class PromptRejected(Exception):
@@ -207,6 +210,45 @@ class ComfyClient:
             raise PromptFailed(entry)
         return entry
 
+    def run_showing_texts(self, prompt: dict, timeout: float = 120) -> tuple[dict, dict[str, str]]:
+        """Run ``prompt`` (unchecked) while listening on the websocket as the frontend does; return its entry and the
+        text each node showed in the UI (ComfyUI's progress_text event: node id -> its last text)."""
+        import asyncio
+
+        import aiohttp
+
+        texts: dict[str, str] = {}
+        listening, done = threading.Event(), threading.Event()
+
+        async def listen() -> None:
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(f"{self.url.replace('http', 'ws', 1)}/ws?clientId={self.client_id}") as ws:
+                    listening.set()
+                    while not done.is_set():
+                        try:
+                            message = await ws.receive(timeout=0.1)
+                        except asyncio.TimeoutError:
+                            continue
+                        if message.type != aiohttp.WSMsgType.BINARY:
+                            if message.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                                return
+                            continue
+                        data = message.data
+                        if struct.unpack(">I", data[:4])[0] == BINARY_TEXT_EVENT:
+                            (length,) = struct.unpack(">I", data[4:8])
+                            texts[data[8 : 8 + length].decode()] = data[8 + length :].decode()
+
+        listener = threading.Thread(target=lambda: asyncio.run(listen()), daemon=True)
+        listener.start()
+        assert listening.wait(10), "could not open the websocket"
+        try:
+            entry = self.run(prompt, timeout, check=False)
+            time.sleep(0.3)  # messages sent just before the prompt ended
+        finally:
+            done.set()
+            listener.join(10)
+        return entry, texts
+
     def interrupt(self, prompt_id: str | None = None) -> None:
         """POST /interrupt: stop the running prompt (only if it is ``prompt_id``, when given).
 
@@ -321,7 +363,8 @@ def start_server(base: Path) -> ComfyClient:
         "--database-url", f"sqlite:///{base / 'user' / 'comfyui.db'}",
         "--disable-auto-launch", "--disable-api-nodes", "--preview-method", "none",
     ]  # fmt: skip
-    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    # PiD's caption cache inside the server's folder: what a test server finds there is what its tests put there
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", PID_CACHE_DIR=str(base / "pid-cache"))
     env.pop("PYTHONPATH", None)  # the server must not see pytest's import paths
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # cached bytecode makes the next start ~2 s faster
     with open(log_path, "wb") as log_file:

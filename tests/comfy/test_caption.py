@@ -12,6 +12,8 @@ tests/core). ``PiDTestSaveConditioning`` writes the CONDITIONING tensors for com
 from __future__ import annotations
 
 import json
+import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -238,6 +240,58 @@ def test_conditioning_of_the_wrong_width_is_refused(comfy_server, models):
     g.node("PiDTestSave", name="cap-wide", image=out(decode(g, wide)))
     fails_with(comfy_server, g, "PixelDecoderPiD_Decode", f"(1, {CAPTION_LENGTH}, {2 * HIDDEN})",
                f"[B, {CAPTION_LENGTH}, {HIDDEN}]", "PiD Caption")
+
+
+def test_a_text_encoders_conditioning_is_refused_as_a_caption(comfy_server, models):
+    """A diffusion model's CLIP Text Encode (here: 77 positions of the right width) is not PiD's layout."""
+    g = Graph()
+    stock = g.node("PiDTestCaptionConditioning", batch=1, tokens=77, width=HIDDEN, seed=5)
+    g.node("PiDTestSave", name="cap-stock", image=out(decode(g, stock)))
+    fails_with(comfy_server, g, "PixelDecoderPiD_Decode", "is not a PiD caption", f"(1, 77, {HIDDEN})",
+               "connect PiD Caption")
+
+
+def _decoded_without_caption(server, name: str, seed: int) -> tuple[torch.Tensor, dict[str, str], str]:
+    g = Graph()
+    node = decode(g, None, seed=seed)
+    g.node("PiDTestSave", name=name, image=out(node))
+    entry, texts = server.run_showing_texts(g)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    return record(server, name)[0], texts, node
+
+
+def test_without_a_caption_the_empty_caption_comes_from_gemma_then_the_cache_else_zeros_with_a_warning(
+    comfy_server, models
+):
+    """No caption: the empty caption's embedding from a Gemma-2 file under its released name (computed once, then
+    cached), from the cache once that file is gone; with neither, an all-zero caption and a warning on the node."""
+    released = comfy_server.models_dir / "text_encoders" / "gemma_2_2b_it_elm_bf16.safetensors"
+    cache = comfy_server.base_dir / "pid-cache"
+    decoder = PiDDecoder.load(models["pid"])
+    latent = torch.zeros(1, 16, LATENT_SIDE // 8, LATENT_SIDE // 8)
+
+    def reference(embedding: torch.Tensor | None, seed: int) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the all-zero caption's warning
+            image = decoder.decode(latent, sigma=0.0, caption=embedding, steps=1, seed=seed)
+        return ((image + 1) * 0.5).permute(0, 2, 3, 1)
+
+    (empty,) = expected(models["it"], "")
+    try:
+        shutil.copy(models["it"], released)
+        image, texts, node = _decoded_without_caption(comfy_server, "nocap-gemma", seed=21)
+        assert torch.equal(image, reference(empty, 21))
+        assert len(list(cache.glob("pid_empty_caption_*.safetensors"))) == 1
+        assert "all-zero caption" not in texts.get(node, "")
+        released.unlink()
+        image, texts, node = _decoded_without_caption(comfy_server, "nocap-cache", seed=22)
+        assert torch.equal(image, reference(empty, 22)) and "all-zero caption" not in texts.get(node, "")
+    finally:
+        released.unlink(missing_ok=True)
+        shutil.rmtree(cache, ignore_errors=True)  # other tests decode without a caption on this server
+    image, texts, node = _decoded_without_caption(comfy_server, "nocap-zeros", seed=23)
+    assert torch.equal(image, reference(None, 23))
+    assert "all-zero caption" in texts.get(node, ""), texts  # shown on the PiD Decode node, not only in the log
 
 
 # --- errors and warnings --------------------------------------------------------------------------------------

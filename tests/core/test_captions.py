@@ -166,6 +166,18 @@ def test_negative_prompt_embedding_is_cached_beside_the_empty_caption(tmp_path, 
     torch.testing.assert_close(cached_caption_embedding(comfy_gemma, NEGATIVE_PROMPT, cache), negative, rtol=0, atol=0)
 
 
+def test_any_cached_caption_finds_a_fixed_text_without_the_gemma_file(tmp_path, comfy_gemma):
+    cache = tmp_path / "cache"
+    assert captions.any_cached_caption("", 64, cache) is None  # nothing cached yet
+    empty = empty_caption_embedding(comfy_gemma, cache)
+    negative = cached_caption_embedding(comfy_gemma, NEGATIVE_PROMPT, cache)
+    torch.testing.assert_close(captions.any_cached_caption("", 64, cache), empty, rtol=0, atol=0)
+    torch.testing.assert_close(captions.any_cached_caption(NEGATIVE_PROMPT, 64, cache), negative, rtol=0, atol=0)
+    assert captions.any_cached_caption("a cat", 64, cache) is None  # another text
+    assert captions.any_cached_caption("", 2304, cache) is None  # another Gemma's width
+    assert captions.any_cached_caption("", 64, cache, dtype=torch.float32) is None  # another arithmetic
+
+
 def test_cache_dir_default_and_damaged_entries(tmp_path, comfy_gemma, monkeypatch):
     monkeypatch.setenv("PID_CACHE_DIR", str(tmp_path / "env_cache"))
     assert captions.cache_dir() == tmp_path / "env_cache"
