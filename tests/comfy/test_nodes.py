@@ -12,6 +12,7 @@ Sizes are small (latents of 4x6 cells, 128x192 px outputs, 1-4 PiD steps): the f
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import shutil
@@ -321,6 +322,26 @@ def test_vae_of_another_family_is_refused(comfy_server, pid_models):
     fails_with(comfy_server, g, "PixelDecoderPiD_LoadDecoder", f"The VAE {TAESD_4CH} makes 4-channel latents",
                "decodes 16-channel ones")
     assert_healthy(comfy_server)
+
+
+def test_a_vae_whose_name_says_another_family_is_warned_about(comfy_server, pid_models):
+    """Flux.1 and SD3 VAEs have the same shapes: only the name can tell, so the loader warns (and still loads)."""
+    sd3_named = "pidtest-nodes-sd3_vae.safetensors"
+    vae_dir = comfy_server.models_dir / "vae"
+    if not (vae_dir / sd3_named).exists():
+        shutil.copy(vae_dir / FLUX_VAE, vae_dir / sd3_named)
+    for vae_name, warned in ((sd3_named, True), (FLUX_VAE, False)):
+        g = Graph()
+        latent = g.node("EmptySD3LatentImage", width=WIDTH, height=HEIGHT, batch_size=1)
+        save_values(g, "c-vae-name", image=out(decode(g, loader(g, FLUX_PID, vae_name=vae_name), out(latent),
+                                                      seed=next(_vae_seeds), steps=1)))
+        log_start = len(comfy_server.log())
+        comfy_server.run(g)
+        said = f"by its name, the VAE {vae_name} is for SD3 models" in comfy_server.log()[log_start:]
+        assert said == warned, comfy_server.log()[log_start:]
+
+
+_vae_seeds = itertools.count(2000)
 
 
 def test_a_vae_in_the_pid_folder_is_named_for_what_it_is(comfy_server, pid_models):
