@@ -21,6 +21,7 @@ LISTEN=${LISTEN:-127.0.0.1}
 # Model folders created up front, with what goes in each (printed at start).
 MODEL_FOLDERS=(
   "pid|PiD decoder checkpoints (.pth, .safetensors)"
+  "pid/rae|one folder per RAE (encoder, decoder, statistics) for the DINOv2 and SigLIP checkpoints"
   "vae|the VAE of your diffusion model (also used by PiD Encode Image)"
   "diffusion_models|diffusion models: Flux, Z-Image, SD3, Flux.2, Qwen-Image"
   "checkpoints|all-in-one checkpoints (SDXL)"
