@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pid_graphs import Graph, fails_with, out, save_official
 from safetensors import safe_open
 from tiny import tiny_network
 from tiny_gemma import random_weights, tokenizer_model, write_comfy, write_comfy_fp8
@@ -52,8 +53,7 @@ def models(comfy_server) -> dict[str, Path]:
     write_comfy(encoders / GEMMA_BASE, weights)
     write_comfy_fp8(encoders / GEMMA_FP8, weights)
     pid = comfy_server.models_dir / "pid" / FLUX_PID
-    pid.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({f"net.{k}": v.to(torch.bfloat16) for k, v in tiny_network("flux_2k", seed=0).state_dict().items()}, pid)
+    save_official(tiny_network("flux_2k", seed=0), pid)
     teacher = comfy_server.models_dir / "pid" / TEACHER_PID
     teacher.parent.mkdir(parents=True, exist_ok=True)
     tensors = tiny_network("flux_2kto4k_v1pt5", seed=4).state_dict()
@@ -64,19 +64,6 @@ def models(comfy_server) -> dict[str, Path]:
 
 
 # --- graphs and records ---------------------------------------------------------------------------------------
-
-
-class Graph(dict):
-    """A prompt in ComfyUI's API format; ``node`` returns the new node's id."""
-
-    def node(self, class_type: str, **inputs) -> str:
-        node_id = str(len(self) + 1)
-        self[node_id] = {"class_type": class_type, "inputs": inputs}
-        return node_id
-
-
-def out(node_id: str, index: int = 0) -> list:
-    return [node_id, index]
 
 
 def caption(g: Graph, text: str, gemma_name: str = "none", clip: str | None = None) -> str:
@@ -108,19 +95,6 @@ def record(server, name: str) -> tuple[torch.Tensor, dict]:
 def negative_caption(server, name: str) -> torch.Tensor:
     with safe_open(str(server.output_dir / "pidtest-tensors" / f"{name}.safetensors"), framework="pt") as f:
         return f.get_tensor("pid_negative_caption")
-
-
-def fails_with(server, prompt: dict, node_type: str, *fragments: str) -> str:
-    """Run ``prompt``, expect it to fail in ``node_type`` with one short sentence holding every fragment."""
-    with pytest.raises(server.PromptFailed) as failed:
-        server.run(prompt)
-    error = failed.value.error
-    assert error is not None and error["node_type"] == node_type, failed.value.entry["status"]
-    message = error["exception_message"]
-    for fragment in fragments:
-        assert fragment in message, message
-    assert "Traceback" not in message and len(message) < 400, message
-    return message
 
 
 def expected(path: Path, *texts: str) -> list[torch.Tensor]:
