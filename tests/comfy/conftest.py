@@ -30,7 +30,9 @@ def _load_pid_graphs():
 
 _load_pid_graphs()
 
-from pid_graphs import FLUX_PID, FLUX_VAE, NOT_PID, SDXL_PID, TAESD_4CH, UNDECIDED_PID, Graph, save_official  # noqa: E402
+from pid_graphs import (  # noqa: E402 (loaded just above)
+    FLUX_PID, FLUX_VAE, NOT_PID, SDXL_PID, TAESD_4CH, UNDECIDED_PID, Graph, save_official,
+)
 
 
 @pytest.fixture(scope="module")

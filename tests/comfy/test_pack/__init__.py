@@ -213,9 +213,10 @@ class PiDTestExtension(ComfyExtension):
         from .probes import PROBE_NODES
         from .tiny_loaders import NODES as LOADER_NODES  # imports this module's helpers: load it last
         from .gemma_clip import GEMMA_NODES
+        from .bad_inputs import BAD_INPUT_NODES
 
         return [PiDTestTinyFluxModel, PiDTestTinySDXLModel, PiDTestConditioning, *PROBE_NODES, *LOADER_NODES,
-                *GEMMA_NODES]
+                *GEMMA_NODES, *BAD_INPUT_NODES]
 
 
 async def comfy_entrypoint() -> PiDTestExtension:
