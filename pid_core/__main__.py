@@ -11,15 +11,15 @@ import warnings
 
 import torch
 
-from .api import PRECISIONS, PiDDecoder
-from .captions import NEGATIVE_PROMPT, CaptionEncoder, cached_caption_embedding, empty_caption_embedding
+from .api import PRECISIONS
+from .batch.picture import DecoderSettings, Picture, PictureDecoder
 from .checkpoint import load_checkpoint
 from .config import LatentSpace
 from .download import GEMMA_FILES, TRAININGS, download_gemma, download_pid
 from .runtime import ATTENTION_BACKENDS
 from .sampler import MAX_STEPS, SCHEDULES, STUDENT_STEPS
 from .teacher import MAX_TEACHER_STEPS, TEACHER_CFG, TEACHER_STEPS
-from .tensor_files import read_caption_file, read_latent_file, write_image
+from .tensor_files import write_image
 from .tiling import TILING_MODES
 
 
@@ -49,49 +49,24 @@ def _info(args: argparse.Namespace) -> None:
         print(f"{key:>16}: {value}")
 
 
-def _caption(args: argparse.Namespace) -> torch.Tensor | None:
-    """The caption embedding: read from a file, encoded with Gemma (before PiD is loaded, so the two never
-    share memory), the cached empty-caption embedding when only --gemma is given, or None."""
+def _decode(args: argparse.Namespace) -> None:
     if args.caption_embedding and (args.caption is not None or args.gemma):
         raise ValueError("Pass either --caption-embedding or --caption/--gemma, not both.")
-    if args.caption_embedding:
-        return read_caption_file(args.caption_embedding)
-    if args.caption is not None and not args.gemma:
-        raise ValueError(
-            "--caption needs --gemma FILE (Gemma-2-2B-it, e.g. gemma_2_2b_it_elm_bf16.safetensors) to encode it."
-        )
-    if not args.gemma:
-        return None
-    if args.caption:
-        return CaptionEncoder.load(args.gemma).encode(args.caption)
-    return empty_caption_embedding(args.gemma)
-
-
-def _negative_caption(args: argparse.Namespace) -> torch.Tensor | None:
-    """The negative prompt's embedding, the unconditional branch of an undistilled checkpoint's guidance (encoded
-    only for such a checkpoint)."""
-    if args.negative_caption_embedding:
-        return read_caption_file(args.negative_caption_embedding)
-    if not args.gemma or load_checkpoint(args.checkpoint, args.space, args.training).info.distilled:
-        return None
-    return cached_caption_embedding(args.gemma, NEGATIVE_PROMPT)
-
-
-def _decode(args: argparse.Namespace) -> None:
-    caption, negative_caption = _caption(args), _negative_caption(args)
-    decoder = PiDDecoder.load(args.checkpoint, args.space, args.training, args.precision)
-    latent = read_latent_file(args.latent)
-    size = args.size if args.size in ("auto", "native") else int(args.size)
+    settings = DecoderSettings(
+        checkpoint=args.checkpoint, space=args.space, training=args.training, precision=args.precision,
+        gemma=args.gemma, schedule=args.schedule, tiling=args.tiling, tile_size=args.tile_size, attention=args.attention,
+    )
+    picture = Picture(
+        latent=args.latent, sigma=args.sigma, seed=args.seed, size=args.size, steps=args.steps, caption=args.caption,
+        caption_embedding=args.caption_embedding, negative_caption_embedding=args.negative_caption_embedding,
+        cfg=args.cfg, shift=args.shift,
+    )
     started = time.monotonic()
 
     def progress(step: int, total: int, _x0: torch.Tensor) -> None:
         print(f"step {step + 1}/{total}  {time.monotonic() - started:.1f}s", file=sys.stderr, flush=True)
 
-    image = decoder.decode(
-        latent, sigma=args.sigma, caption=caption, size=size, steps=args.steps, seed=args.seed,
-        schedule=args.schedule, callback=progress, tiling=args.tiling, tile_size=args.tile_size,
-        attention=args.attention, cfg=args.cfg, shift=args.shift, negative_caption=negative_caption,
-    )
+    image = PictureDecoder(settings, keep_gemma=False).decode(picture, callback=progress)
     for path in write_image(image, args.out):
         print(path)
 
