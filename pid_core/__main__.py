@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = lambda message, *_a, **_k: print(f"warning: {message}", file=sys.stderr)
     try:
         args.run(args)
-    except (ValueError, OSError, torch.OutOfMemoryError) as err:  # CheckpointError is a ValueError; each is one sentence
+    except (ValueError, OSError, MemoryError, torch.OutOfMemoryError) as err:  # each is one sentence
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
