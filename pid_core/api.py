@@ -279,7 +279,9 @@ class _NetworkPasses:
         )
         if smaller.memory.activations >= failed.memory.activations:
             hint = ", or allow tiling (tiling auto)" if self.tiling == "off" else ""
-            raise torch.OutOfMemoryError(
+            # a GPU's out-of-memory error, so that ComfyUI frees its models; elsewhere its GPU advice would mislead
+            error = MemoryError if device.type == "cpu" else torch.OutOfMemoryError
+            raise error(
                 f"PiD ran out of memory {decoding} (about {failed.memory.activations / GB:.1f} GB of working memory), "
                 "and there is no smaller way to decode it: free memory (unload other models, close other programs) or "
                 f"choose a smaller output size{hint}."
@@ -360,7 +362,7 @@ def decode(
     plan = plan_decode(network, height, width, batch=y.shape[0], tiling=tiling, tile_size=tile_size,
                        memory_budget=memory_budget, device=device, compute_dtype=dtype)
     log.info("PiD decode: %s", plan.describe())
-    _refuse_beyond_system_memory(plan, batch, device)
+    _refuse_beyond_system_memory(network, plan, batch, device, dtype)
     if not plan.fits:
         warnings.warn(
             f"PiD may run out of memory: {plan.describe()}. Use tiling with a smaller tile size, a smaller output "
@@ -399,7 +401,8 @@ def decode(
     return x0.clamp(-1.0, 1.0).cpu()
 
 
-def _refuse_beyond_system_memory(plan: DecodePlan, pictures: int, device: torch.device) -> None:
+def _refuse_beyond_system_memory(network: PiDNetwork, plan: DecodePlan, pictures: int, device: torch.device,
+                                 dtype: torch.dtype) -> None:
     """Refuse, before anything is allocated, a decode that needs more system memory than is free. A CPU reports no
     out-of-memory error: the operating system kills the process (a ComfyUI server with its whole queue). On a CPU
     the working memory is system memory; on a GPU the finished pictures come back to it (and a copy is made)."""
@@ -412,11 +415,23 @@ def _refuse_beyond_system_memory(plan: DecodePlan, pictures: int, device: torch.
         needed, what = 2 * pictures * 3 * plan.height * plan.width * 4, "of system memory for the finished pictures"
     if needed <= free:
         return
-    fix = "turn tiling on (or auto), " if device.type == "cpu" and plan.tiles is None else ""
+    fixes = []
+    if device.type == "cpu":
+        def fits(batch: int) -> bool:  # the smallest plan auto tiling makes for ``batch`` network items
+            smaller = plan_decode(network, plan.height, plan.width, batch=batch, tiling="auto", memory_budget=free,
+                                  device=device, compute_dtype=dtype)
+            return smaller.memory.activations <= free
+
+        branches = plan.batch // pictures
+        if plan.tiles is None and fits(plan.batch):
+            fixes.append("set tiling to auto")
+        elif pictures > 1 and fits(branches):
+            fixes.append("decode fewer pictures at a time")
+    fixes += ["choose a smaller output size", "free memory"]
     raise MemoryError(
         f"Decoding {pictures} picture(s) of {plan.width}x{plan.height} px {plan.how()} needs about {needed / GB:.1f} GB "
-        f"{what}, but only {free / GB:.1f} GB is free: {fix}choose a smaller output size or fewer pictures, or free "
-        "memory; it was not started, so that running out of memory cannot kill the process."
+        f"{what}, but only {free / GB:.1f} GB is free: {', '.join(fixes[:-1])} or {fixes[-1]}. It was not started, "
+        "so that running out of memory cannot kill the process."
     )
 
 

@@ -35,7 +35,8 @@ class CheckpointError(ValueError):
 
 def damaged_file(name: str, kind: str = "safetensors") -> str:
     """The sentence for a file that cannot be parsed (the library's own report says nothing more useful)."""
-    return f"{name} is not a readable {kind} file: it is truncated or corrupt (e.g. an interrupted download); download it again."
+    return (f"{name} is not a readable {kind} file: it is truncated or corrupt (e.g. an interrupted download), or not "
+            "a model file at all; download it again.")
 
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
@@ -152,6 +153,11 @@ def _refuse_quantized(tensors: dict[str, torch.Tensor], name: str) -> None:
 # --------------------------------------------------------------------------- detection
 
 _REQUIRED = ("s_embedder.proj.weight", "pixel_embedder.proj.weight", "lq_proj.latent_proj.0.weight")
+# The other tensors whose shapes give the network's widths and depths
+_SHAPE_KEYS = (
+    "lq_proj.gate_modules.0.content_proj.weight", "patch_blocks.0.attn.q_norm_x.weight", "y_embedder.proj.weight",
+    "y_pos_embedding", "pixel_blocks.0.compress_to_attn.weight", "pixel_blocks.0.attn.q_norm.weight",
+)  # fmt: skip
 
 
 def _what_else(keys: set[str]) -> str:
@@ -186,6 +192,11 @@ def detect_network(tensors: dict[str, torch.Tensor], name: str = "checkpoint") -
     keys = set(tensors)
     if not all(k in keys for k in _REQUIRED):
         raise CheckpointError(f"{name} is {_what_else(keys)}: it lacks the PiD decoder's weights. Pick a PiD checkpoint.")
+    if missing := [k for k in _SHAPE_KEYS if k not in keys]:
+        raise CheckpointError(
+            f"{name} lacks {len(missing)} of the PiD decoder's weights (e.g. {missing[0]}): the file is damaged or "
+            "from an unsupported variant; download it again."
+        )
     shape = {k: tuple(v.shape) for k, v in tensors.items()}
     hidden, patch_in = shape["s_embedder.proj.weight"]
     lq_hidden, lq_in = shape["lq_proj.latent_proj.0.weight"][:2]

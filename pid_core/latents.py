@@ -229,8 +229,8 @@ def _as_4d(samples: Tensor, fmt: LatentFormat) -> Tensor:
     if samples.ndim == 5:
         if fmt.space != LatentSpace.QWENIMAGE:
             raise ValueError(
-                f"Got a 5-D latent {tuple(samples.shape)} for {fmt.space.value}; only Qwen-Image latents are "
-                "5-D [B, C, 1, h, w]. Check the latent space setting."
+                f"Got a 5-D latent {tuple(samples.shape)} for {fmt.space.value}: a video latent (only Qwen-Image's "
+                "pictures are 5-D, [B, C, 1, h, w]); PiD decodes pictures: decode videos with VAE Decode."
             )
         if samples.shape[2] != 1:
             raise ValueError(
@@ -246,12 +246,20 @@ def _as_4d(samples: Tensor, fmt: LatentFormat) -> Tensor:
     return samples.to(torch.float32)
 
 
+# Which models make latents of a channel count (to name where a latent of another family came from)
+_FAMILIES_BY_CHANNELS = {4: "SDXL", 16: "Flux.1, Z-Image, SD3 or Qwen-Image", 128: "Flux.2", 768: "DINOv2-RAE",
+                         1152: "SigLIP Scale-RAE"}  # fmt: skip
+
+
 def _check_channels(x: Tensor, fmt: LatentFormat) -> None:
     if x.shape[1] != fmt.channels:
         extra = f" or {FLUX2_RAW_CHANNELS} (raw VAE latent)" if fmt.space == LatentSpace.FLUX2 else ""
+        family = _FAMILIES_BY_CHANNELS.get(x.shape[1])
+        source = f", as {family} latents do" if family else ""
         raise ValueError(
             f"A {fmt.space.value} latent has {fmt.channels} channels{extra}, but this one has {x.shape[1]} "
-            f"(shape {tuple(x.shape)}); choose the latent space that matches the model that made it."
+            f"(shape {tuple(x.shape)}){source}: decode it with the PiD checkpoint of the model that made it (or "
+            "choose that model's latent space)."
         )
 
 

@@ -322,7 +322,7 @@ CASES = [
     Case("sd15-model-into-pid-ksampler", sd15_sampler, KSAMPLER, ("latent format (SD15) is not one PiD decodes",)),
     Case("sd15-model-into-tag-latent", sd15_tag, TAG, ("latent format (SD15) is not one PiD decodes",)),
     Case("video-latent-5d", lambda g, f: decode_flux(g, video_latent(g)), DECODE,
-         ("5-D latent", "only Qwen-Image latents are 5-D")),
+         ("5-D latent", "a video latent", "decode videos with VAE Decode")),
     Case("video-latent-as-qwen-image", lambda g, f: decode_flux(g, video_latent(g), UNDECIDED_PID,
                                                                 latent_space="qwenimage"), DECODE,
          ("has 3 frames", "PiD decodes single images")),
@@ -359,7 +359,7 @@ CASES = [
     Case("checkpoint-missing-a-weight", load_file(MISSING_WEIGHT), LOAD,
          ("does not match the PiD network it looks like", "1 missing")),
     Case("checkpoint-missing-a-detected-weight", load_file(MISSING_READ_WEIGHT), LOAD,
-         ("missing-y-pos-embedding.safetensors", "does not match the PiD network it looks like")),
+         ("missing-y-pos-embedding.safetensors", "lacks 1 of the PiD decoder's weights (e.g. y_pos_embedding)")),
     Case("fp8-repack", load_file(FP8), LOAD, ("quantized (fp8/mxfp8) repack",)),
     Case("latent-branch-of-8-channels", load_file(EIGHT_CHANNELS), LOAD, ("matches no released PiD family",)),
     Case("corrupt-safetensors-header", load_file(CORRUPT_HEADER), LOAD,
@@ -367,7 +367,7 @@ CASES = [
     Case("truncated-safetensors", load_file(TRUNCATED_SAFETENSORS), LOAD,
          ("truncated.safetensors is not a readable safetensors file", "truncated or corrupt")),
     Case("text-file-named-safetensors", load_file(TEXT_FILE), LOAD,
-         ("readme.safetensors is not a readable safetensors file",)),
+         ("readme.safetensors is not a readable safetensors file", "or not a model file at all")),
     Case("vae-of-another-family", with_loader(vae_name=TAESD_4CH), LOAD,
          (f"The VAE {TAESD_4CH} makes 4-channel latents", "decodes 16-channel ones")),
     Case("rae-of-another-family", with_loader(rae_name=SIGLIP_RAE), LOAD,
@@ -389,7 +389,7 @@ CASES = [
     # issue #18: a whole decode beyond the machine's memory, and an output side beyond 16384 px
     Case("4096-px-batch-beyond-memory-tiling-off", guarded(
         lambda g, f: flux_latent(g, f.memory_batch, 1024, 1024), size="4096", tiling="off"), DECODE,
-        ("needs about", "tiling")),
+        ("needs about", "decode fewer pictures at a time")),  # tiles would not shrink the batch's own buffers
     Case("native-4x-beyond-16384-px", guarded(lambda g, f: flux_latent(g, 1, 8192, 64)), DECODE, ("16384",)),
     # captions
     Case("caption-of-another-width", caption_decode(plain_caption(width=1000)), DECODE,

@@ -298,3 +298,16 @@ def test_training_range_comes_from_the_weights_then_the_name_then_the_current_re
     assert info.training == training
     said = info.detected if how == "detected" else info.assumed
     assert any(fact.startswith("training resolution") for fact in said), (info.detected, info.assumed)
+
+
+@pytest.mark.parametrize("dropped", ["y_pos_embedding", "pixel_blocks.0.attn.q_norm.weight",
+                                     "lq_proj.gate_modules.0.content_proj.weight"])
+def test_a_checkpoint_without_a_weight_its_shapes_are_read_from_is_refused(dropped):
+    tensors = official_meta_state_dict("flux_2k")
+    del tensors[dropped]
+    with pytest.raises(CheckpointError) as err:
+        detect_network(tensors, "pid.safetensors")
+    assert _one_sentence(err.value) == (
+        f"pid.safetensors lacks 1 of the PiD decoder's weights (e.g. {dropped}): the file is damaged or from an "
+        "unsupported variant; download it again."
+    )

@@ -309,7 +309,8 @@ def test_running_out_of_memory_with_no_smaller_plan_left_is_a_clear_error(tiling
     net = tiny_network("flux_2k")
     run_out_of_memory_above(net, 0)
     latent = torch.randn(1, 16, 12, 12)
-    with pytest.raises(torch.OutOfMemoryError, match="no smaller way to decode it: free memory") as error:
+    # on a CPU a MemoryError: ComfyUI's advice for torch's out-of-memory error speaks of a GPU
+    with pytest.raises(MemoryError, match="no smaller way to decode it: free memory") as error:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             decode(net, latent, space="flux", caption=torch.zeros(1, 300, 32), steps=1, tiling=tiling,
@@ -319,20 +320,25 @@ def test_running_out_of_memory_with_no_smaller_plan_left_is_a_clear_error(tiling
 
 def test_a_decode_beyond_free_system_memory_is_refused_before_any_network_call(monkeypatch):
     """On a CPU the system kills a process that runs out of memory (torch raises nothing), so such a plan is refused
-    up front; the same plan runs when the memory is there."""
+    up front, with the fix that would make it fit; the same plan runs when the memory is there."""
     import pid_core.api as api
 
     net = tiny_network("flux_2k")
-    latent, caption = torch.randn(1, 16, 12, 12), torch.zeros(1, 300, net.config.txt_embed_dim)
-    needed = plan_decode(net, 384, 384, tiling="off", memory_budget=10**12).memory.activations
+    caption = torch.zeros(1, 300, net.config.txt_embed_dim)
     calls = []
-    monkeypatch.setattr(api, "available_memory", lambda device: needed - 1)
-    with pytest.raises(MemoryError, match=r"384x384 px whole needs about .* GB of working memory, but only .* free: "
-                                          r"turn tiling on"):
-        decode(net, latent, space="flux", caption=caption, steps=1, tiling="off", memory_budget=10**12,
-               call_callback=lambda *args: calls.append(args))
+
+    def run(batch: int, free: int, tiling: str = "off") -> None:
+        monkeypatch.setattr(api, "available_memory", lambda device: free)
+        decode(net, torch.randn(batch, 16, 12, 12), space="flux", caption=caption, steps=1, tiling=tiling,
+               memory_budget=10**12, call_callback=lambda *args: calls.append(args))
+
+    one = plan_decode(net, 384, 384, tiling="off", memory_budget=10**12).memory.activations
+    for batch, free, fix in ((1, one - 1, "set tiling to auto, choose a smaller output size or free memory"),
+                             (8, one, "decode fewer pictures at a time, choose a smaller output size or free memory"),
+                             (1, 1000, "choose a smaller output size or free memory")):  # nothing else would fit
+        with pytest.raises(MemoryError, match=rf"Decoding {batch} picture\(s\) of 384x384 px whole.* needs about .* "
+                                              rf"GB of working memory, but only .* free: {fix}\. It was not started"):
+            run(batch, free)
     assert calls == []
-    monkeypatch.setattr(api, "available_memory", lambda device: needed)
-    decode(net, latent, space="flux", caption=caption, steps=1, tiling="off", memory_budget=10**12,
-           call_callback=lambda *args: calls.append(args))
+    run(1, one)
     assert len(calls) == 1
