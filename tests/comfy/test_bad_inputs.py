@@ -205,13 +205,18 @@ def tiny_model(g: Graph) -> str:
     return g.node("PiDTestTinyFluxModel", seed=0, hidden_size=128)
 
 
-def sd15_sampler(g: Graph, f: Files) -> str:
-    model = g.node("PiDTestTinySD15Model", seed=0)
-    conditioning = g.node("PiDTestCaptionConditioning", batch=1, tokens=8, width=64, seed=0)
-    early = g.node(KSAMPLER, model=out(model), seed=7, steps=4, cfg=1.0, sampler_name="euler", scheduler="simple",
-                   positive=out(conditioning), negative=out(conditioning), latent_image=sdxl_latent(g), denoise=1.0,
-                   exit_step=0)
-    return pid_decode(g, loader(g, SDXL_PID), out(early))
+def sampler_of(model_type: str, pid_name: str) -> Callable[[Graph, Files], str]:
+    """PiD KSampler on a tiny model of a family PiD does not decode, into a PiD checkpoint of a family it resembles."""
+
+    def build(g: Graph, f: Files) -> str:
+        model = g.node(model_type, seed=0)
+        conditioning = g.node("PiDTestCaptionConditioning", batch=1, tokens=8, width=64, seed=0)
+        early = g.node(KSAMPLER, model=out(model), seed=7, steps=4, cfg=1.0, sampler_name="euler",
+                       scheduler="simple", positive=out(conditioning), negative=out(conditioning),
+                       latent_image=sdxl_latent(g), denoise=1.0, exit_step=0)
+        return pid_decode(g, loader(g, pid_name), out(early))
+
+    return build
 
 
 def sd15_tag(g: Graph, f: Files) -> str:
@@ -319,7 +324,11 @@ CASES = [
     Case("untagged-4-channels-into-flux", lambda g, f: decode_flux(g, sdxl_latent(g)), DECODE,
          ("has 4", "16 channels")),
     # an untagged SD1.5 latent has SDXL's shape and decodes; its model is what tells it apart
-    Case("sd15-model-into-pid-ksampler", sd15_sampler, KSAMPLER, ("latent format (SD15) is not one PiD decodes",)),
+    Case("sd15-model-into-pid-ksampler", sampler_of("PiDTestTinySD15Model", SDXL_PID), KSAMPLER,
+         ("latent format (SD15) is not one PiD decodes",)),
+    # Wan shares Qwen-Image's latent format: told apart by the model, not the format
+    Case("wan-video-model-into-pid-ksampler", sampler_of("PiDTestTinyWanModel", FLUX_PID), KSAMPLER,
+         ("This is a video model (WAN21_T2V", "PiD decodes pictures", "VAE Decode for videos")),
     Case("sd15-model-into-tag-latent", sd15_tag, TAG, ("latent format (SD15) is not one PiD decodes",)),
     Case("video-latent-5d", lambda g, f: decode_flux(g, video_latent(g)), DECODE,
          ("5-D latent", "a video latent", "decode videos with VAE Decode")),

@@ -107,6 +107,28 @@ class PiDTestTinySD15Model(io.ComfyNode):
         return io.NodeOutput(build_model_patcher(comfy.supported_models.SD15(unet_config), seed))
 
 
+class PiDTestTinyWanModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PiDTestTinyWanModel",
+            display_name="PiD Test: Tiny Wan 2.1 Video Model",
+            category=CATEGORY,
+            description="A real Wan 2.1 text-to-video model (comfy.supported_models.WAN21_T2V: the Wan21 latent format "
+            "it shares with Qwen-Image) with one 64-wide block and seeded random weights. For tests only.",
+            inputs=[io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the random weights.")],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, seed: int) -> io.NodeOutput:
+        unet_config = {
+            "image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "in_dim": 16, "dim": 64,
+            "ffn_dim": 128, "freq_dim": 32, "text_dim": 64, "out_dim": 16, "num_heads": 2, "num_layers": 1,
+        }  # fmt: skip
+        return io.NodeOutput(build_model_patcher(comfy.supported_models.WAN21_T2V(unet_config), seed))
+
+
 class PiDTestGuardDecoder(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -128,4 +150,4 @@ class PiDTestGuardDecoder(io.ComfyNode):
         return io.NodeOutput(probed_decoder(pid_decoder, probe))
 
 
-BAD_INPUT_NODES = [PiDTestTensorLatent, PiDTestCaption, PiDTestTinySD15Model, PiDTestGuardDecoder]
+BAD_INPUT_NODES = [PiDTestTensorLatent, PiDTestCaption, PiDTestTinySD15Model, PiDTestTinyWanModel, PiDTestGuardDecoder]
