@@ -1,5 +1,5 @@
-"""Command line: ``python -m pid_core info CHECKPOINT``, ``python -m pid_core decode CHECKPOINT LATENT ...`` and
-``python -m pid_core download ...``."""
+"""Command line: ``python -m pid_core info CHECKPOINT``, ``python -m pid_core decode CHECKPOINT LATENT ...``,
+``python -m pid_core batch MANIFEST OUT_DIR --checkpoint CHECKPOINT ...`` and ``python -m pid_core download ...``."""
 
 from __future__ import annotations
 
@@ -49,13 +49,18 @@ def _info(args: argparse.Namespace) -> None:
         print(f"{key:>16}: {value}")
 
 
+def _settings(args: argparse.Namespace) -> DecoderSettings:
+    """The checkpoint and how it runs, as the decode and batch commands share them."""
+    return DecoderSettings(
+        checkpoint=args.checkpoint, space=args.space, training=args.training, precision=args.precision,
+        gemma=args.gemma, schedule=args.schedule, tiling=args.tiling, tile_size=args.tile_size,
+        attention=args.attention,
+    )
+
+
 def _decode(args: argparse.Namespace) -> None:
     if args.caption_embedding and (args.caption is not None or args.gemma):
         raise ValueError("Pass either --caption-embedding or --caption/--gemma, not both.")
-    settings = DecoderSettings(
-        checkpoint=args.checkpoint, space=args.space, training=args.training, precision=args.precision,
-        gemma=args.gemma, schedule=args.schedule, tiling=args.tiling, tile_size=args.tile_size, attention=args.attention,
-    )
     picture = Picture(
         latent=args.latent, sigma=args.sigma, seed=args.seed, size=args.size, steps=args.steps, caption=args.caption,
         caption_embedding=args.caption_embedding, negative_caption_embedding=args.negative_caption_embedding,
@@ -66,9 +71,24 @@ def _decode(args: argparse.Namespace) -> None:
     def progress(step: int, total: int, _x0: torch.Tensor) -> None:
         print(f"step {step + 1}/{total}  {time.monotonic() - started:.1f}s", file=sys.stderr, flush=True)
 
-    image = PictureDecoder(settings, keep_gemma=False).decode(picture, callback=progress)
+    image = PictureDecoder(_settings(args), keep_gemma=False).decode(picture, callback=progress)
     for path in write_image(image, args.out):
         print(path)
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from .batch.driver import BatchOptions, run  # Ray itself is imported only when there is something to decode
+    from .batch.manifest import Defaults
+
+    if args.retries < 0 or (args.workers is not None and args.workers < 1):
+        raise ValueError("--workers must be at least 1 and --retries at least 0.")
+    return run(BatchOptions(
+        manifest=args.manifest, out_dir=args.out_dir, settings=_settings(args),
+        defaults=Defaults(size=args.size, steps=args.steps, format=args.format, gemma=bool(args.gemma)),
+        results=args.results, ray_address=args.ray_address, workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker, retries=args.retries,
+        progress=not args.no_progress,
+    ))
 
 
 def _download(args: argparse.Namespace) -> None:
@@ -84,10 +104,38 @@ def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="python -m pid_core", description="PiD pixel diffusion decoder.")
     commands = root.add_subparsers(dest="command", required=True)
 
-    def checkpoint_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("checkpoint", help="PiD checkpoint: official .pth, .safetensors or Comfy-Org repack")
+    def checkpoint_args(p: argparse.ArgumentParser, option: bool = False) -> None:
+        what = "PiD checkpoint: official .pth, .safetensors or Comfy-Org repack"
+        if option:
+            p.add_argument("--checkpoint", required=True, help=what)
+        else:
+            p.add_argument("checkpoint", help=what)
         p.add_argument("--space", choices=LatentSpace.names(), help="latent space, when the weights cannot tell")
         p.add_argument("--training", choices=("2k", "2kto4k"), help="training resolution, when the path cannot tell")
+
+    def size_and_steps_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--size", default="native", choices=("native", "auto", "2048", "4096"),
+                       help="native 4x (default), auto (what the checkpoint draws best: 2k checkpoints a 2048 long "
+                       "side, 2kto4k native up to 4096), or a long side")
+        p.add_argument(
+            "--steps", type=int,
+            help=f"sampler steps: default {STUDENT_STEPS} for distilled checkpoints (1..{MAX_STEPS}), "
+            f"{TEACHER_STEPS} for undistilled ones (1..{MAX_TEACHER_STEPS})",
+        )
+
+    def runtime_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--precision", choices=tuple(PRECISIONS), default="bf16",
+                       help="weights in bf16, or fp32 (the reference's fp32 run to rounding)")
+        p.add_argument(
+            "--schedule", choices=SCHEDULES, default="spread",
+            help="timesteps for 5-8 steps: 'spread' (default) interpolates distinct ones, 'reference' repeats some as "
+            "the official code does; identical for 1-4 steps",
+        )
+        p.add_argument("--tiling", choices=TILING_MODES, default="auto",
+                       help="auto: tiles only when the whole picture would not fit in free memory; on; off")
+        p.add_argument("--tile-size", type=int,
+                       help="tile side in pixels (multiple of 16); default: the largest that fits")
+        p.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto", help="attention kernel")
 
     info = commands.add_parser("info", help="what a checkpoint is")
     checkpoint_args(info)
@@ -99,14 +147,7 @@ def parser() -> argparse.ArgumentParser:
     dec.add_argument("latent", help="ComfyUI .latent file, or a .safetensors file holding one latent tensor")
     dec.add_argument("--sigma", type=float, default=0.0, help="PiD degrade sigma of the latent in [0, 1] (0 = clean)")
     dec.add_argument("--out", required=True, help="OUT.png (8-bit picture) or OUT.safetensors (float image in [-1, 1])")
-    dec.add_argument("--size", default="native", choices=("native", "auto", "2048", "4096"),
-                     help="native 4x (default), auto (what the checkpoint draws best: 2k checkpoints a 2048 long side, "
-                     "2kto4k native up to 4096), or a long side")
-    dec.add_argument(
-        "--steps", type=int,
-        help=f"sampler steps: default {STUDENT_STEPS} for distilled checkpoints (1..{MAX_STEPS}), {TEACHER_STEPS} for "
-        f"undistilled ones (1..{MAX_TEACHER_STEPS})",
-    )
+    size_and_steps_args(dec)
     dec.add_argument("--seed", type=int, default=0)
     dec.add_argument("--caption-embedding", help="safetensors file with a [B, 300, 2304] caption embedding")
     dec.add_argument("--caption", help="caption text to encode with --gemma (default: the empty caption)")
@@ -120,18 +161,36 @@ def parser() -> argparse.ArgumentParser:
                      "without --gemma; with --gemma it is encoded)")
     dec.add_argument("--cfg", type=float, help=f"guidance of undistilled checkpoints (default {TEACHER_CFG:g}; 1: none)")
     dec.add_argument("--shift", type=float, help="timestep shift of undistilled checkpoints (default: from the size)")
-    dec.add_argument("--precision", choices=tuple(PRECISIONS), default="bf16",
-                     help="weights in bf16, or fp32 (the reference's fp32 run to rounding)")
-    dec.add_argument(
-        "--schedule", choices=SCHEDULES, default="spread",
-        help="timesteps for 5-8 steps: 'spread' (default) interpolates distinct ones, 'reference' repeats some as the "
-        "official code does; identical for 1-4 steps",
-    )
-    dec.add_argument("--tiling", choices=TILING_MODES, default="auto",
-                     help="auto: tiles only when the whole picture would not fit in free memory; on; off")
-    dec.add_argument("--tile-size", type=int, help="tile side in pixels (multiple of 16); default: the largest that fits")
-    dec.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto", help="attention kernel")
+    runtime_args(dec)
     dec.set_defaults(run=_decode)
+
+    bat = commands.add_parser(
+        "batch", help="decode every latent of a JSON Lines manifest on Ray (this machine, or a cluster); resumable",
+        description="Decode a manifest of latents (JSON Lines, one picture a line; see the README) into OUT_DIR, one "
+        "decoder per worker. Rerunning the same command decodes only what is missing. Needs Ray (pip install ray).",
+    )
+    bat.add_argument("manifest",
+                     help='JSON Lines file, one object a line, e.g. {"latent": "a.latent", "sigma": 0.25}')
+    bat.add_argument("out_dir", help="output folder (pictures, and results.jsonl unless --results)")
+    checkpoint_args(bat, option=True)
+    bat.add_argument("--gemma", help="Gemma-2-2B-it weights, to encode the lines' caption texts (lines without a "
+                     "caption get the empty caption); loaded once per worker")
+    size_and_steps_args(bat)
+    runtime_args(bat)
+    bat.add_argument("--format", choices=("png", "safetensors"), default="png",
+                     help="output of lines without 'out': LATENT_NAME.png (default) or .safetensors")
+    bat.add_argument("--results", help="results JSON Lines file (default OUT_DIR/results.jsonl)")
+    bat.add_argument("--ray-address", help="join this Ray cluster (e.g. auto, or ray://head:10001); default: start Ray "
+                     "on this machine for this run")
+    bat.add_argument("--workers", type=int, help="decoders: default one per GPU, else one per CPU core (no more than "
+                     "fit in free memory)")
+    bat.add_argument("--cpus-per-worker", type=float, help="CPU cores of each worker (default: the cores shared out)")
+    bat.add_argument("--gpus-per-worker", type=float, help="GPUs of each worker (default 1 when the cluster has GPUs; "
+                     "0.5 puts two on a GPU)")
+    bat.add_argument("--retries", type=int, default=2,
+                     help="times a picture is sent again after its worker died (default 2)")
+    bat.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    bat.set_defaults(run=_batch)
 
     dl = commands.add_parser("download", help="download official weights from the Hugging Face hub (HF_TOKEN honoured)")
     dl.add_argument(
@@ -152,11 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("always")
     warnings.showwarning = lambda message, *_a, **_k: print(f"warning: {message}", file=sys.stderr)
     try:
-        args.run(args)
+        code = args.run(args)
     except (ValueError, OSError, MemoryError, torch.OutOfMemoryError) as err:  # each is one sentence
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0  # batch: 1 when some pictures failed
 
 
 if __name__ == "__main__":

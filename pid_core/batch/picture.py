@@ -46,7 +46,7 @@ class Picture:
     one manifest line)."""
 
     latent: str
-    sigma: float | Sequence[float] = 0.0
+    sigma: float | Sequence[float] | None = 0.0  # None in a manifest line: from the latent file (see .manifest)
     seed: int = 0
     size: SizeArg = "native"
     steps: int | None = None
