@@ -112,8 +112,9 @@ class Progress:
 
 def _record(line: Line, run: str, attempts: int = 0, **fields) -> dict:
     latent = line.picture.latent if line.picture else None
+    finished = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
     return {"run": run, "line": line.number, "id": line.id, "latent": latent, "out": line.out or None,
-            "attempts": attempts, **fields}
+            "attempts": attempts, **fields, "finished": finished}
 
 
 def _already_complete(line: Line, previous: dict[str, dict], out_dir: Path) -> list[str] | None:
@@ -214,6 +215,7 @@ def _decode_on_ray(options: BatchOptions, todo: list[Line], out_dir: Path, log: 
     try:
         resources = ray.cluster_resources()
         workers, cpus_each, gpus_each = _worker_count(options, resources.get("CPU", 1), resources.get("GPU", 0), local)
+        workers = min(workers, len(todo))  # each worker loads the checkpoint: none without a picture to decode
         settings = options.settings
         if gpus_each:
             settings = replace(settings, device="cuda")
@@ -223,7 +225,11 @@ def _decode_on_ray(options: BatchOptions, todo: list[Line], out_dir: Path, log: 
         pool = [actor.remote(settings, threads=max(1, int(cpus_each))) for _ in range(workers)]
         print(f"batch: {len(todo)} pictures to decode on {workers} worker(s) ({cpus_each:g} CPU, {gpus_each:g} GPU "
               f"each), loading {Path(settings.checkpoint).name}", file=sys.stderr, flush=True)
-        for error in ray.get([w.load.remote() for w in pool]):
+        for loading in [w.load.remote() for w in pool]:
+            try:
+                error = ray.get(loading)
+            except ray.exceptions.RayActorError:
+                continue  # died while loading: Ray starts it again, and it loads with its first picture
             if error:
                 raise ValueError(error)
         progress.restart()  # pictures per second from here: starting Ray and loading are not decoding

@@ -93,8 +93,26 @@ def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = R
         if process.poll() is not None:
             pytest.fail(f"the batch ended before {what}: {process.communicate()[1][-2000:]}")
         time.sleep(0.02)
-    process.kill()
+    stop(process)
     pytest.fail(f"timed out waiting for {what}")
+
+
+def finish(process: subprocess.Popen) -> str:
+    """The batch's stderr once it has ended (interrupted when it runs too long)."""
+    try:
+        return process.communicate(timeout=RAY_TIMEOUT)[1]
+    except subprocess.TimeoutExpired:
+        stop(process)
+        pytest.fail("the batch did not end in time")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Interrupt a batch as Ctrl-C does, so that it stops its Ray (a killed driver leaves Ray's agents behind)."""
+    process.send_signal(signal.SIGINT)
+    try:
+        process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 # --------------------------------------------------------------------------- the manifest
@@ -283,7 +301,7 @@ def killed_run(checkpoint, tmp_path_factory):
     first = wait_for(lambda: next((r for r in records(out_dir) if r["status"] == "done"), None), process,
                      "the first picture")
     os.kill(int(first["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
-    stderr = process.communicate(timeout=RAY_TIMEOUT)[1]
+    stderr = finish(process)
     return root, process.returncode, stderr, records(out_dir), first
 
 
@@ -334,7 +352,7 @@ def test_a_rerun_after_an_interruption_decodes_only_what_was_missing(checkpoint,
                                text=True)
     wait_for(lambda: len(records(out_dir)) >= 2, process, "two pictures")
     process.send_signal(signal.SIGINT)  # Ctrl-C
-    stderr = process.communicate(timeout=RAY_TIMEOUT)[1]
+    stderr = finish(process)
     assert process.returncode == 130 and "rerun the same command" in stderr, stderr
     first = {r["line"] for r in records(out_dir) if r["status"] == "done"}
     assert 2 <= len(first) < count
