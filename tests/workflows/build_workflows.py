@@ -8,10 +8,15 @@ RAE, which folder of files) go where and the recommended settings, and saves ``a
 frontend's Save writes) plus a headless-Chromium screenshot of the graph. ComfyUI serves ``workflows/`` to
 its template browser, which shows ``<name>.jpg`` beside ``<name>.json``.
 
+Each workflow is built with the oldest ComfyUI it runs on: the pack's own minimum (0.3.75), or, for a workflow
+whose models need a newer core (``needs_comfyui``, e.g. Flux.2 Klein), that ComfyUI's test environment
+(``scripts/setup_env.sh --comfyui 0.33``) and the frontend it serves.
+
     .venv/bin/python tests/workflows/build_workflows.py            # all workflows
     .venv/bin/python tests/workflows/build_workflows.py pid_sdxl   # those whose name contains "pid_sdxl"
 
-Needs ``bash scripts/setup_env.sh`` and ``bash scripts/setup_frontend.sh`` (``scripts/test.sh`` runs both).
+Needs ``bash scripts/setup_env.sh`` and ``bash scripts/setup_frontend.sh`` (``scripts/test.sh`` runs both), and
+for the workflows that need ComfyUI 0.33 ``bash scripts/setup_env.sh --comfyui 0.33``.
 ``tests/workflows/test_workflows.py`` checks the saved files against the definitions here, by input name.
 """
 
@@ -26,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, NamedTuple
@@ -61,6 +67,8 @@ DOWNLOADS = {
         "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors",
     "sd3.5_large_fp8_scaled.safetensors":
         "https://huggingface.co/Comfy-Org/stable-diffusion-3.5-fp8/resolve/main/sd3.5_large_fp8_scaled.safetensors",
+    "flux-2-klein-4b.safetensors":
+        "https://huggingface.co/Comfy-Org/flux2-klein/resolve/main/split_files/diffusion_models/flux-2-klein-4b.safetensors",
     "flux2_dev_fp8mixed.safetensors":
         "https://huggingface.co/Comfy-Org/flux2-dev/resolve/main/split_files/diffusion_models/flux2_dev_fp8mixed.safetensors",
     "mistral_3_small_flux2_bf16.safetensors":
@@ -158,6 +166,26 @@ def pid_checkpoint(folder: str) -> str:
     return f"{folder}/{PID_FILE}"
 
 
+OLDEST_COMFYUI = "0.3.75"  # the pack's requires-comfyui
+
+
+class ComfyUINeed(NamedTuple):
+    """A workflow that runs only on a ComfyUI newer than the pack's minimum, and why."""
+
+    version: str  # as scripts/setup_env.sh --comfyui and PID_COMFYUI name it, e.g. "0.33"
+    feature: str  # what that ComfyUI has, for the note and the tests' skip reason
+
+    @property
+    def sentence(self) -> str:
+        return f"Needs ComfyUI {self.version} or newer ({self.feature})"
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """A version as numbers ("0.33" -> (0, 33, 0)), to compare with a server's "0.33.0"."""
+    parts = [int(p) for p in version.split(".")]
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
 # --- graph definitions -------------------------------------------------------------------------------
 class Node:
     def __init__(self, node_id: str):
@@ -180,6 +208,16 @@ class Workflow:
     sizes: dict = field(default_factory=dict)
     colors: dict = field(default_factory=dict)
     widgets: dict = field(default_factory=dict)  # node id -> {frontend-only widget: value}, e.g. the seed control
+    needs_comfyui: ComfyUINeed | None = None  # None: runs on the pack's minimum, OLDEST_COMFYUI
+    downloads: dict = field(default_factory=dict)  # file name -> link, where this workflow's source is not DOWNLOADS'
+
+    @property
+    def comfyui(self) -> str:
+        """The ComfyUI this workflow is built with: the oldest it runs on."""
+        return self.needs_comfyui.version if self.needs_comfyui else OLDEST_COMFYUI
+
+    def download(self, file_name: str) -> str | None:
+        return self.downloads.get(file_name, DOWNLOADS.get(file_name))
 
     def add(self, class_type: str, title: str | None = None, **inputs) -> Node:
         node_id = str(len(self.prompt) + 1)
@@ -210,7 +248,10 @@ class Workflow:
         return found
 
     def note(self) -> str:
-        lines = [f"## {self.heading}", "", self.summary, "", "**Files** (in `ComfyUI/models/`):", ""]
+        lines = [f"## {self.heading}", "", self.summary, ""]
+        if self.needs_comfyui:
+            lines += [f"**{self.needs_comfyui.sentence}.**", ""]
+        lines += ["**Files** (in `ComfyUI/models/`):", ""]
         for item in self.files():
             if item.is_folder:  # an RAE: a folder (any name; chosen in rae_name) with the files listed under it
                 lines.append(f"- `{item.where}`: a folder (any name; pick it in rae_name) holding")
@@ -220,7 +261,7 @@ class Workflow:
                 checkpoint = item.name.split("/")[0]
                 source = f"[nvidia/PiD]({PID_CHECKPOINTS}{checkpoint}), keep the official folder name"
             else:
-                source = f"[download]({DOWNLOADS[item.name]})"
+                source = f"[download]({self.download(item.name)})"
             lines.append(f"- `{item.where}`: {source}")
         lines += ["", "**Recommended settings**", ""] + [f"- {s}" for s in self.settings]
         licence = ("PiD weights are NVIDIA's, for non-commercial research only (licence on the Hugging Face page); "
@@ -237,8 +278,9 @@ class Workflow:
         for node_id, node in self.prompt.items():
             for name, folder in LOADER_FOLDERS.get(node["class_type"], {}).items():
                 value = node["inputs"].get(name)
-                if value in DOWNLOADS:
-                    out.setdefault(node_id, []).append({"name": value, "url": DOWNLOADS[value], "directory": folder})
+                if isinstance(value, str) and self.download(value):
+                    out.setdefault(node_id, []).append({"name": value, "url": self.download(value),
+                                                        "directory": folder})
         return out
 
 
@@ -291,6 +333,8 @@ PROMPTS = {
     "the sunbeams, ultra detailed",
     "street": "a rainy Tokyo side street at night, neon signs in Japanese, reflections on wet asphalt, a cyclist "
     "with a clear umbrella, cinematic, detailed",
+    "lighthouse": "a red and white lighthouse on a rocky headland in a storm, waves breaking into spray, gulls in "
+    "the wind, dramatic clouds, highly detailed photograph",
 }
 NEGATIVE = "blurry, low quality, watermark, text artifacts"
 # Title of PiD Caption in the generation workflows: its text is the positive prompt, typed again.
@@ -507,27 +551,61 @@ def flux2_dev() -> Workflow:
          "PiD Decode: size native 4x, 4 steps",
          CAPTION_SETTING],
     )  # fmt: skip
-    unet = w.add("UNETLoader", unet_name="flux2_dev_fp8mixed.safetensors", weight_dtype="default")
-    clip = w.add("CLIPLoader", clip_name="mistral_3_small_flux2_bf16.safetensors", type="flux2", device="default")
-    text = w.prompt_text(w.add("CLIPTextEncode", "Prompt", text=PROMPTS["library"], clip=clip[0]))
-    guidance = w.add("FluxGuidance", conditioning=text[0], guidance=4.0)
-    guider = w.add("BasicGuider", model=unet[0], conditioning=guidance[0])
+    return flux2_custom_sampler(w, "flux2_dev_fp8mixed.safetensors", "mistral_3_small_flux2_bf16.safetensors",
+                                PROMPTS["library"], "flux2_dev_4096", steps=50, guidance=4.0, exit_step=46)
+
+
+def flux2_klein_4b() -> Workflow:
+    w = Workflow(
+        "pid_flux2_klein_4b_4096px", "Flux.2 Klein 4B 1024 px → PiD 4096 px",
+        "Flux.2 Klein 4B (distilled) is sampled as in ComfyUI's Klein template: 4 steps of SamplerCustomAdvanced with "
+        "Flux2Scheduler, cfg 1. A distilled run is not cut short: PiD Tag Latent marks its final latent (sigma 0 from "
+        "the schedule's last value), and PiD Decode draws it at **4096 px**. Klein makes Flux.2 latents, so the "
+        "Flux.2 PiD checkpoint decodes them.",
+        ["1024×1024 latent with the v1.5 2kto4k Flux.2 checkpoint; Flux2Scheduler width/height = the latent's",
+         "4 steps, euler, no guidance (BasicGuider: the distilled model runs at cfg 1, without a negative prompt)",
+         "PiD Decode: size native 4x, 4 steps",
+         CAPTION_SETTING + ". Gemma needs its own Load CLIP: Klein's qwen_3_4b is no Gemma-2",
+         "Klein 9B: the same graph with its own diffusion model and text encoder"],
+        needs_comfyui=ComfyUINeed("0.33", "Flux.2 Klein support: 0.3.75 has no Klein text encoder"),
+        downloads={"qwen_3_4b.safetensors": "https://huggingface.co/Comfy-Org/flux2-klein/resolve/main/split_files/"
+                   "text_encoders/qwen_3_4b.safetensors"},
+    )  # fmt: skip
+    return flux2_custom_sampler(w, "flux-2-klein-4b.safetensors", "qwen_3_4b.safetensors", PROMPTS["lighthouse"],
+                                "flux2_klein_4b_4096", steps=4)
+
+
+def flux2_custom_sampler(w: Workflow, unet_name: str, clip_name: str, prompt: str, prefix: str, *, steps: int,
+                         guidance: float | None = None, exit_step: int | None = None) -> Workflow:
+    """A Flux.2 model at 1024 px as ComfyUI's templates sample it (SamplerCustomAdvanced, Flux2Scheduler; FluxGuidance
+    for Flux.2-dev), stopped after ``exit_step`` by SplitSigmas or run to the end, tagged by PiD Tag Latent with the
+    sigmas it ran and decoded by the v1.5 Flux.2 checkpoint."""
+    unet = w.add("UNETLoader", unet_name=unet_name, weight_dtype="default")
+    clip = w.add("CLIPLoader", clip_name=clip_name, type="flux2", device="default")
+    text = w.prompt_text(w.add("CLIPTextEncode", "Prompt", text=prompt, clip=clip[0]))
+    conditioning = [text]
+    if guidance is not None:
+        conditioning.append(w.add("FluxGuidance", conditioning=text[0], guidance=guidance))
+    guider = w.add("BasicGuider", model=unet[0], conditioning=conditioning[-1][0])
     noise = w.add("RandomNoise", noise_seed=SEED)
     sampler = w.add("KSamplerSelect", sampler_name="euler")
-    schedule = w.add("Flux2Scheduler", steps=50, width=1024, height=1024)
-    split = w.add("SplitSigmas", "SplitSigmas (exit at step 46)", sigmas=schedule[0], step=46)
+    schedule = w.add("Flux2Scheduler", steps=steps, width=1024, height=1024)
+    sigmas = [schedule]
+    if exit_step is not None:
+        sigmas.append(w.add("SplitSigmas", f"SplitSigmas (exit at step {exit_step})", sigmas=schedule[0],
+                            step=exit_step))  # fmt: skip
     latent = w.add("EmptyFlux2LatentImage", "Empty Flux.2 Latent (1024 px)", width=1024, height=1024, batch_size=1)
-    sampled = w.add("SamplerCustomAdvanced", noise=noise[0], guider=guider[0], sampler=sampler[0], sigmas=split[0],
-                    latent_image=latent[0])  # fmt: skip
-    tagged = w.add(f"{PID}TagLatent", latent=sampled[0], latent_space="from model", sigma=0.0, sigmas=split[0],
+    sampled = w.add("SamplerCustomAdvanced", noise=noise[0], guider=guider[0], sampler=sampler[0],
+                    sigmas=sigmas[-1][0], latent_image=latent[0])  # fmt: skip
+    tagged = w.add(f"{PID}TagLatent", latent=sampled[0], latent_space="from model", sigma=0.0, sigmas=sigmas[-1][0],
                    model=unet[0])  # fmt: skip
     decoder = pid_loader(w, "PiD_v1pt5_res2kto4k_sr4x_official_flux2_distill_4step")
-    gemma, caption = pid_caption(w, PROMPTS["library"], SAME_CAPTION)
+    gemma, caption = pid_caption(w, prompt, SAME_CAPTION)
     image = pid_decode(w, decoder, tagged[0], caption)
-    out = save(w, image[0], "flux2_dev_4096")
+    out = save(w, image[0], prefix)
     w.column(unet, clip, gemma, latent, decoder)
-    w.column(text, guidance, guider, caption)
-    w.column(noise, sampler, schedule, split)
+    w.column(*conditioning, guider, caption)
+    w.column(noise, sampler, *sigmas)
     w.column(sampled, tagged, image)
     w.column(out)
     w.sizes[out.id] = [420, 460]
@@ -653,8 +731,8 @@ def upscale_siglip_rae() -> Workflow:
 
 
 def workflows() -> list[Workflow]:
-    makers = [flux1_dev, flux1_dev_vs_vae, flux1_dev_undistilled, z_image_turbo, sdxl, sd35, flux2_dev, qwen_image,
-              upscale_image, upscale_dinov2_rae, upscale_siglip_rae]  # fmt: skip
+    makers = [flux1_dev, flux1_dev_vs_vae, flux1_dev_undistilled, z_image_turbo, sdxl, sd35, flux2_dev, flux2_klein_4b,
+              qwen_image, upscale_image, upscale_dinov2_rae, upscale_siglip_rae]  # fmt: skip
     return [make() for make in makers]
 
 
@@ -743,27 +821,60 @@ def build(frontend: Frontend, workflow: Workflow, out_dir: Path) -> Path:
     return path
 
 
-def main(argv: list[str]) -> int:
-    selected = [w for w in workflows() if not argv or any(a in w.name for a in argv)]
-    if not selected:
-        print(f"no workflow matches {argv}", file=sys.stderr)
-        return 2
-    comfy = load_module("pid_tests_conftest", REPO_ROOT / "tests" / "conftest.py")
+def server_harness(comfyui: str) -> types.ModuleType:
+    """``tests/conftest.py`` (the test server) for the ComfyUI ``comfyui``, which it reads from PID_COMFYUI when
+    imported: loaded once per version, under a name of its own."""
+    saved = os.environ.get("PID_COMFYUI")
+    os.environ["PID_COMFYUI"] = comfyui
+    try:
+        return load_module(f"pid_tests_conftest_{comfyui}", REPO_ROOT / "tests" / "conftest.py")
+    finally:
+        if saved is None:
+            os.environ.pop("PID_COMFYUI")
+        else:
+            os.environ["PID_COMFYUI"] = saved
+
+
+def write_placeholders(models_dir: Path, selected: list[Workflow]) -> None:
+    """Empty files (and RAE folders) under the names the loaders give: listed by the server, so that current
+    frontends do not mark the loaders as missing their files."""
+    for item in {item for workflow in selected for item in workflow.files()}:
+        path = models_dir / item.folder / item.name
+        if item.is_folder:
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+
+
+def build_with(comfyui: str, selected: list[Workflow]) -> None:
+    """Builds ``selected`` in the frontend of a test server running the ComfyUI ``comfyui``."""
+    comfy = server_harness(comfyui)
     with tempfile.TemporaryDirectory(prefix="pid-build-workflows-") as tmp:
         server = comfy.start_server(Path(tmp) / "base")
         # ComfyUI's own sample picture, which the upscale workflow loads (and its thumbnail shows).
         shutil.copy(comfy.COMFYUI_DIR / "input" / "example.png", server.input_dir)
+        write_placeholders(server.models_dir, selected)
         frontend = None
         try:
             frontend = Frontend(server.url)
             WORKFLOWS_DIR.mkdir(exist_ok=True)
             for workflow in selected:
                 path = build(frontend, workflow, WORKFLOWS_DIR)
-                print(f"wrote {path.relative_to(REPO_ROOT)} and its .jpg")
+                print(f"wrote {path.relative_to(REPO_ROOT)} and its .jpg (ComfyUI {server.comfyui_version})")
         finally:
             if frontend is not None:
                 frontend.close()
             comfy.stop(server.process)
+
+
+def main(argv: list[str]) -> int:
+    selected = [w for w in workflows() if not argv or any(a in w.name for a in argv)]
+    if not selected:
+        print(f"no workflow matches {argv}", file=sys.stderr)
+        return 2
+    for comfyui in sorted({w.comfyui for w in selected}, key=version_tuple):
+        build_with(comfyui, [w for w in selected if w.comfyui == comfyui])
     return 0
 
 

@@ -61,13 +61,26 @@ async function openPage(url) {
   const pageErrors = [];
   page.on('pageerror', (e) => pageErrors.push(String(e.message || e)));
   await page.goto(url, { waitUntil: 'domcontentloaded' });
-  // window.app is the ComfyApp; the graph exists and node types are registered once setup() is done.
+  await appReady(page);
+  const changed = await page.evaluate(async (settings) => {
+    const store = window.app.extensionManager.setting;
+    const changed = Object.entries(settings).filter(([id, value]) => store.get(id) !== value);
+    for (const [id, value] of changed) await store.set(id, value);
+    return changed.length > 0;
+  }, SETTINGS);
+  if (changed) {
+    // Stored on the server, they take full effect at the next start: changed at run time, current frontends leave
+    // DOM widgets (the note's text) unplaced on the first graph.
+    await page.reload({ waitUntil: 'domcontentloaded' });
+    await appReady(page);
+  }
+  return { browser, page, pageErrors };
+}
+
+// window.app is the ComfyApp; the graph exists and node types are registered once setup() is done.
+async function appReady(page) {
   await page.waitForFunction(() => window.app && window.app.graph && window.LiteGraph &&
     Object.keys(window.LiteGraph.registered_node_types).length > 100, null, { timeout: 120000 });
-  await page.evaluate(async (settings) => {
-    for (const [id, value] of Object.entries(settings)) await window.app.extensionManager.setting.set(id, value);
-  }, SETTINGS);
-  return { browser, page, pageErrors };
 }
 
 // Closes whatever dialogs a load opened (missing nodes or models), returning their text.
@@ -114,7 +127,7 @@ async function build(state, request) {
   await page.evaluate(async (req) => {
     const app = window.app;
     const LiteGraph = window.LiteGraph;
-    app.loadApiJson(req.prompt, req.name || 'workflow');
+    await app.loadApiJson(req.prompt, req.name || 'workflow'); // async in current frontends
     const graph = app.graph;
     const byId = (id) => {
       const node = graph.getNodeById(Number(id));
@@ -144,10 +157,17 @@ async function build(state, request) {
     graph.add(note);
     note.widgets[0].value = req.note.text;
     note.setSize([req.note.width, 200]);
-    // As tall as its rendered text (the markdown is laid out on the next frames).
-    await new Promise((resolve) => setTimeout(resolve, 300));
-    const rendered = note.widgets[0].element?.querySelector('.ProseMirror');
-    if (rendered) note.setSize([req.note.width, rendered.scrollHeight + 30]);
+    // As tall as its rendered text, measured once the frontend has laid the text out at the note's width (on a
+    // later frame: before that, current frontends lay it out at the page's width).
+    const element = note.widgets[0].element;
+    let rendered = null;
+    for (let i = 0; i < 50 && !rendered; i++) {
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      const text = element?.querySelector('.ProseMirror');
+      if (text && element.clientWidth > 0 && element.clientWidth <= req.note.width) rendered = text;
+    }
+    if (!rendered) throw new Error("the note's text was not laid out at the note's width within 5 s");
+    note.setSize([req.note.width, rendered.scrollHeight + 30]);
 
     const titleHeight = LiteGraph.NODE_TITLE_HEIGHT;
     let x = 0;
@@ -160,8 +180,9 @@ async function build(state, request) {
       }
       x += Math.max(...nodes.map((n) => n.size[0])) + req.columnGap;
     }
-    const placed = new Set([note.id, ...req.columns.flat().map(Number)]);
-    const unplaced = graph.nodes.filter((n) => !placed.has(n.id)).map((n) => `${n.id} ${n.type}`);
+    // compared as strings: current frontends give node ids as strings
+    const placed = new Set([String(note.id), ...req.columns.flat().map(String)]);
+    const unplaced = graph.nodes.filter((n) => !placed.has(String(n.id))).map((n) => `${n.id} ${n.type}`);
     if (unplaced.length) throw new Error(`nodes missing from the layout: ${unplaced.join(', ')}`);
     graph.setDirtyCanvas(true, true);
   }, { ...request, rowGap: ROW_GAP, columnGap: COLUMN_GAP });

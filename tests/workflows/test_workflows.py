@@ -27,6 +27,9 @@ way a user opens it, and converted to a prompt by the frontend's ``app.graphToPr
   2048 px. PiD checkpoints (tiny networks in the official layout), the RAE folders (tiny encoders, decoders
   and statistics), the VAE (full size, random), the tiny Gemma-2 and Load Image's picture are real files,
   written by ``conftest.py``.
+
+A workflow whose definition needs a newer ComfyUI than the server's (``needs_comfyui``: Flux.2 Klein needs 0.33)
+is not loaded or run there: those tests skip it with that reason, and the ComfyUI 0.33 leg runs them.
 """
 
 from __future__ import annotations
@@ -61,12 +64,15 @@ FAMILY_BY_FILE = {
     "flux1-dev.safetensors": "flux",
     "z_image_turbo_bf16.safetensors": "z_image",
     "flux2_dev_fp8mixed.safetensors": "flux2",
+    "flux-2-klein-4b.safetensors": "flux2_klein",
     "qwen_image_fp8_e4m3fn.safetensors": "qwen_image",
     "sd_xl_base_1.0.safetensors": "sdxl",
     "sd3.5_large_fp8_scaled.safetensors": "sd3",
 }
 FAMILY_BY_CLIP_TYPE = {"flux": "flux", "lumina2": "z_image", "flux2": "flux2", "qwen_image": "qwen_image",
                        "sdxl": "sdxl", "sd3": "sd3"}  # fmt: skip
+# Where one CLIP type takes several text encoders (ComfyUI tells them apart by the file's weights): by type and file.
+FAMILY_BY_CLIP_FILE = {("flux2", "qwen_3_4b.safetensors"): "flux2_klein"}
 # The stand-in for PiD Caption's Load CLIP of Gemma-2, which is told apart from Z-Image's Load CLIP (also type
 # lumina2, qwen_3_4b) by its file name (is_gemma_clip).
 GEMMA_STAND_IN = "PiDTestGemmaCLIP"
@@ -90,11 +96,15 @@ def object_info(comfy_server) -> dict:
 
 
 @pytest.fixture(scope="session")
-def loaded(frontend) -> dict:
-    """name -> what the frontend made of workflows/<name>.json (loaded once per session, on first use)."""
+def loaded(frontend, definitions, comfy_server) -> dict:
+    """name -> what the frontend made of workflows/<name>.json (loaded once per session, on first use). A test that
+    asks for a workflow this server's ComfyUI is too old for is skipped, with the reason."""
 
     class Cache(dict):
         def __missing__(self, name):
+            need = definitions[name].needs_comfyui
+            if need and BUILD.version_tuple(comfy_server.comfyui_version) < BUILD.version_tuple(need.version):
+                pytest.skip(f"{name}: {need.sentence}; this is ComfyUI {comfy_server.comfyui_version}")
             self[name] = frontend.check(json.loads((BUILD.WORKFLOWS_DIR / f"{name}.json").read_text()))
             return self[name]
 
@@ -153,6 +163,8 @@ def family_of(node: dict) -> str:
     inputs = node["inputs"]
     if node["class_type"] in ("UNETLoader", "CheckpointLoaderSimple"):
         key, table = inputs.get("unet_name", inputs.get("ckpt_name")), FAMILY_BY_FILE
+    elif (inputs["type"], inputs.get("clip_name")) in FAMILY_BY_CLIP_FILE:
+        key, table = (inputs["type"], inputs["clip_name"]), FAMILY_BY_CLIP_FILE
     else:
         key, table = inputs["type"], FAMILY_BY_CLIP_TYPE
     assert key in table, f"no tiny model family for {node['class_type']} {key!r}: add it to this test's tables"
@@ -417,6 +429,8 @@ def test_note_names_every_file(name, definitions):
             for file_name, _ in BUILD.RAE_FOLDERS[item.name].contents():
                 assert f"  - `{file_name}`:" in section, f"the note does not list {file_name} in {item.where}"
     assert "Recommended settings" in text
+    need = definitions[name].needs_comfyui
+    assert need is None or need.sentence in text, "the note does not say which ComfyUI the workflow needs"
 
 
 def test_gemma_download_link_is_pid_cores():

@@ -67,6 +67,7 @@ MISTRAL_SPECIALS = [
 ]  # fmt: skip
 MISTRAL_VOCAB = len(MISTRAL_SPECIALS) + 256
 MISTRAL_LAYERS = 31
+KLEIN_TE_LAYERS = 28  # Klein's Qwen3-4B text encoder stacks layers 9, 18 and 27
 QWEN_VOCAB = 152064  # covers both Qwen tokenizers' ids (Qwen3: 151936)
 
 
@@ -93,6 +94,17 @@ FLUX_TE = {"clip_l": TINY_CLIP, "t5xxl": tiny_t5(32)}
 
 SD_CLIPS = {"clip_l": TINY_CLIP, "clip_g": {**TINY_CLIP, "hidden_act": "gelu"}}
 
+
+def flux2_unet(guidance_embed: bool) -> dict:
+    """A Flux.2 diffusion model at toy width; its text encoders (Mistral 3 for Flux.2-dev, Qwen3 for Klein) stack
+    the outputs of three layers, hence the context width."""
+    return flux_params([3], image_model="flux2", in_channels=128, out_channels=128, vec_in_dim=None,
+                       context_in_dim=3 * TINY_LLM["hidden_size"], hidden_size=128, mlp_ratio=3.0, num_heads=1,
+                       depth=1, depth_single_blocks=1, axes_dim=[32, 32, 32, 32], theta=2000, patch_size=1,
+                       qkv_bias=False, guidance_embed=guidance_embed, global_modulation=True, mlp_silu_act=True,
+                       ops_bias=False, default_ref_method="index", ref_index_scale=10.0)  # fmt: skip
+
+
 FAMILIES = {
     "flux": Family(
         comfy.supported_models.Flux,
@@ -114,11 +126,7 @@ FAMILIES = {
     ),
     "flux2": Family(
         comfy.supported_models.Flux2,
-        flux_params([3], image_model="flux2", in_channels=128, out_channels=128, vec_in_dim=None,
-                    context_in_dim=3 * TINY_LLM["hidden_size"], hidden_size=128, mlp_ratio=3.0, num_heads=1, depth=1,
-                    depth_single_blocks=1, axes_dim=[32, 32, 32, 32], theta=2000, patch_size=1, qkv_bias=False,
-                    guidance_embed=True, global_modulation=True, mlp_silu_act=True, ops_bias=False,
-                    default_ref_method="index", ref_index_scale=10.0),
+        flux2_unet(guidance_embed=True),
         (comfy.text_encoders.flux.Flux2Tokenizer, comfy.text_encoders.flux.flux2_te()),
         {"mistral3_24b": {**TINY_LLM, "num_hidden_layers": MISTRAL_LAYERS, "vocab_size": MISTRAL_VOCAB}},
         {"tekken_model": tekken_vocabulary()},
@@ -157,7 +165,16 @@ FAMILIES = {
         {**SD_CLIPS, "t5xxl": tiny_t5(4096)},
     ),
 }
-DIFFUSION_FAMILIES = ["flux", "z_image", "flux2", "qwen_image"]  # what UNETLoader loads in the workflows
+if hasattr(comfy.text_encoders.flux, "klein_te"):  # Flux.2 Klein: ComfyUI 0.33 on (0.3.75 cannot encode its prompts)
+    # Klein 4B: a Flux.2 model without guidance embedding; its text encoder Qwen3-4B (Load CLIP type flux2).
+    FAMILIES["flux2_klein"] = Family(
+        comfy.supported_models.Flux2,
+        flux2_unet(guidance_embed=False),
+        (comfy.text_encoders.flux.KleinTokenizer, comfy.text_encoders.flux.klein_te(model_type="qwen3_4b")),
+        {"qwen3_4b": {**TINY_LLM, "num_hidden_layers": KLEIN_TE_LAYERS, "vocab_size": QWEN_VOCAB}},
+    )
+# what UNETLoader loads in the workflows
+DIFFUSION_FAMILIES = [f for f in ("flux", "z_image", "flux2", "flux2_klein", "qwen_image") if f in FAMILIES]
 CHECKPOINT_FAMILIES = ["sdxl", "sd3"]  # all-in-one checkpoints (CheckpointLoaderSimple)
 
 
