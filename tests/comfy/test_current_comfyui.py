@@ -3,10 +3,15 @@ leg of ``scripts/test.sh`` (``PID_COMFYUI=0.33``); on 0.3.75 there is nothing to
 
 from __future__ import annotations
 
+import json
+import math
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("PID_COMFYUI", "0.3.75") not in ("0.33", "0.33.0"),
@@ -60,3 +65,128 @@ def test_a_pixeldit_clip_feeds_pid_caption_and_core_clip_text_encode(comfy_serve
     core_empty = record(comfy_server, "pixeldit-core-empty")[0]
     empty_gap = ((core_empty.float() - empty.float()).norm() / empty.float().norm()).item()
     assert core_empty.shape == empty.shape and empty_gap > 3 * gap, (empty_gap, gap)  # another text altogether
+
+
+# --- one PiD file in models/diffusion_models, for core and for the pack ------------------------------------------
+
+KEYS = Path(__file__).resolve().parents[1] / "data" / "checkpoint_keys" / "flux2_2kto4k_v1pt5.tsv"
+# "pid" in the name: the pack lists the files of diffusion_models whose name says PiD (as Comfy-Org's repacks do)
+FULL_SIZE_PID = "pidtest-random-pid_v1pt5_flux2_2kto4k_bf16.safetensors"
+FLUX2_LATENT_PX = 16  # one Flux.2 latent cell; PiD draws it at 4x: 64 px
+CAPTION_WIDTH = 2304  # Gemma-2-2B's hidden size, the caption width of every released checkpoint
+
+
+def random_official_weights(keys_file: Path, seed: int) -> dict[str, torch.Tensor]:
+    """bf16 tensors for every key and shape of a released checkpoint (a checkpoint_keys table), at sizes that keep
+    activations O(1) (the rule of tests/core/tiny.py's randomize_)."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for line in keys_file.read_text().splitlines():
+        if line.startswith(("#", "key\t")):
+            continue
+        key, shape, _ = line.split("\t")
+        tensor = torch.empty(json.loads(shape), dtype=torch.bfloat16)
+        if tensor.ndim >= 2:
+            tensor.normal_(0, 1 / math.sqrt(tensor[0].numel()), generator=generator)
+        elif key.endswith("log_alpha"):
+            tensor.normal_(math.log(5), 0.1, generator=generator)
+        elif key.endswith("bias"):
+            tensor.normal_(0, 0.02, generator=generator)
+        else:
+            tensor.normal_(1, 0.1, generator=generator)
+        weights[key] = tensor
+    return weights
+
+
+@pytest.fixture(scope="module")
+def full_size_pid_file(comfy_server) -> Iterator[dict]:
+    """A random full-size v1.5 Flux.2 PiD checkpoint in the official key layout (bf16, 2.8 GB, about 20 s to write) in
+    models/diffusion_models, once per session (this module runs once) and removed after it: core builds its PiD
+    network with the released widths and depth (14 patch blocks) whatever the file holds, so no tiny network can
+    stand in. Yields its path and each weight's sum of squares."""
+    path = comfy_server.models_dir / "diffusion_models" / FULL_SIZE_PID
+    weights = random_official_weights(KEYS, seed=0)
+    save_file(weights, str(path))
+    facts = {"path": path, "square_sums": {key: square_sum(w).item() for key, w in weights.items()}}
+    del weights
+    yield facts
+    path.unlink()
+
+
+def square_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """As the test pack's PiDTestModelInfo computes it: one float64 dot."""
+    flat = tensor.reshape(-1).double()
+    return torch.dot(flat, flat)
+
+
+def file_key(core_key: str) -> str:
+    """The official key of a parameter of core's PidNet: core splits each pixel block's modulation
+    (``adaLN_modulation.0``) into its attention and MLP halves (``adaLN_modulation_msa`` / ``_mlp``)."""
+    for half in ("adaLN_modulation_msa.", "adaLN_modulation_mlp."):
+        core_key = core_key.replace(half, "adaLN_modulation.0.")
+    return core_key
+
+
+def combo_options(info: dict, name: str) -> list[str]:
+    spec = info["input"]["required"][name]
+    return spec[0] if isinstance(spec[0], list) else spec[1]["options"]
+
+
+def test_core_and_the_pack_list_and_load_the_same_pid_file(comfy_server, full_size_pid_file):
+    """Core's UNETLoader and Load PiD Decoder both offer a PiD file of models/diffusion_models, and both load it:
+    core builds its own PiD model from it (model_base.PiD around PidNet, the Flux.2 v1.5 variant read from the keys,
+    every weight the file's: the same sum of squares, tensor by tensor) and samples a picture with it; the pack's
+    decoder decodes a Flux.2 latent with it."""
+    from pid_graphs import Graph, out, record
+
+    name = full_size_pid_file["path"].name
+    assert name in combo_options(comfy_server.object_info("UNETLoader"), "unet_name")
+    assert name in combo_options(comfy_server.object_info("PixelDecoderPiD_LoadDecoder"), "pid_name")
+
+    g = Graph()
+    caption = g.node("PiDTestCaptionConditioning", batch=1, tokens=300, width=CAPTION_WIDTH, seed=1)
+    latent = g.node("EmptyFlux2LatentImage", width=FLUX2_LATENT_PX, height=FLUX2_LATENT_PX, batch_size=1)
+    # core: UNETLoader -> its PiD sampling (PiDConditioning on the Flux.2 latent, one step), as its template does
+    core = g.node("UNETLoader", unet_name=name, weight_dtype="default")
+    g.node("PiDTestModelInfo", model=out(core), name="core-pid-model")
+    positive = g.node("PiDConditioning", positive=out(caption), latent=out(latent), latent_format="flux",
+                      degrade_sigma=0.0)  # fmt: skip
+    negative = g.node("ConditioningZeroOut", conditioning=out(caption))
+    pixels = g.node("EmptyChromaRadianceLatentImage", width=4 * FLUX2_LATENT_PX, height=4 * FLUX2_LATENT_PX,
+                    batch_size=1)  # fmt: skip
+    sigmas = g.node("BasicScheduler", model=out(core), scheduler="simple", steps=1, denoise=1.0)
+    sampler = g.node("KSamplerSelect", sampler_name="euler")
+    sampled = g.node("SamplerCustom", model=out(core), add_noise=True, noise_seed=0, cfg=1.0, positive=out(positive),
+                     negative=out(negative), sampler=out(sampler), sigmas=out(sigmas), latent_image=out(pixels))
+    g.node("PiDTestSave", name="core-pid-sampled", latent=out(sampled))
+    # the pack: Load PiD Decoder -> PiD Decode of the same latent
+    loader = g.node("PixelDecoderPiD_LoadDecoder", pid_name=name, latent_space="auto", weight_dtype="bf16",
+                    vae_name="none")  # fmt: skip
+    image = g.node("PixelDecoderPiD_Decode", pid_decoder=out(loader), latent=out(latent), size="native 4x", steps=1,
+                   seed=0, sigma=0.0, latent_space="auto", caption=out(caption))  # fmt: skip
+    g.node("PiDTestSave", name="pack-pid-decoded", image=out(image))
+    try:
+        comfy_server.run(g, timeout=600)
+    finally:
+        comfy_server.free()  # core's copy (fp32 on the CPU, 5.3 GB) and the pack's (bf16): not for the tests after
+
+    sums, info = record(comfy_server, "core-pid-model")
+    assert info["model_class"] == "comfy.model_base.PiD" and info["network_class"] == "comfy.ldm.pixeldit.pid.PidNet"
+    v1_5_flux2 = {"image_model": "pid", "lq_latent_channels": 128, "latent_spatial_down_factor": 16,
+                  "lq_latent_unpatchify_factor": 2, "pit_lq_inject": True, "lq_hidden_dim": 1024, "lq_interval": 2}
+    assert {k: info["unet_config"].get(k) for k in v1_5_flux2} == v1_5_flux2
+    core_sums: dict[str, float] = {}
+    for key, value in sums.items():
+        official = file_key(key.removeprefix("square_sum."))
+        core_sums[official] = core_sums.get(official, 0.0) + value.item()
+    expected = full_size_pid_file["square_sums"]
+    assert sorted(core_sums) == sorted(expected), set(core_sums) ^ set(expected)
+    unequal = [k for k in expected if core_sums[k] != pytest.approx(expected[k], rel=1e-9)]
+    assert not unequal, f"weights of core's model that are not the file's: {unequal[:10]}"
+    core_pixels = record(comfy_server, "core-pid-sampled")[0]["latent"]
+    ours = record(comfy_server, "pack-pid-decoded")[0]["image"]
+    side = 4 * FLUX2_LATENT_PX
+    assert core_pixels.shape == (1, 3, side, side) and ours.shape == (1, side, side, 3)
+    for picture in (core_pixels, ours):
+        assert picture.isfinite().all() and picture.std() > 1e-3
+

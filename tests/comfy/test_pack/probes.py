@@ -7,6 +7,7 @@
   or runs out of memory (torch.OutOfMemoryError, as a GPU would) on calls with more than so many pixels.
 * ``PiDTestSave``: writes IMAGE / LATENT / SIGMAS / FLOAT values as float tensors (no 8-bit rounding).
 * ``PiDTestTagLatent``: tags a LATENT with one PiD sigma per item, through the pack's own metadata module.
+* ``PiDTestModelInfo``: records what a MODEL is (its ComfyUI model and network classes, config, parameters).
 * ``PiDTestRandomVAE``: writes a seeded random VAE file (full-size Flux KL-VAE or TAESD) into models/vae; every
   name asked for with the same kind and seed is a link to one file, made once per server.
 
@@ -304,6 +305,51 @@ class PiDTestTagLatent(io.ComfyNode):
         return io.NodeOutput(pack_module("nodes.metadata").tag(latent, values, latent_space))
 
 
+class PiDTestModelInfo(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PiDTestModelInfo",
+            display_name="PiD Test: Model Info",
+            category=CATEGORY,
+            description="Records what a MODEL is: the classes of its ComfyUI model, network and latent format, the "
+            "network config and its parameter count by dtype (JSON), and each parameter's sum of squares (tensors "
+            "'square_sum.<name>'), in output/pidtest-tensors/<name>.safetensors. For tests only.",
+            inputs=[io.Model.Input("model"), io.String.Input("name", default="model-info")],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, name: str) -> io.NodeOutput:
+        base = model.model
+        network = base.diffusion_model
+        dtypes: dict[str, int] = {}
+        square_sums = {}
+        for key, p in network.named_parameters():
+            dtype = str(p.dtype).removeprefix("torch.")
+            dtypes[dtype] = dtypes.get(dtype, 0) + p.numel()
+            # weights read from a file have the file's sums; weights left as allocated do not
+            square_sums[f"square_sum.{key}"] = square_sum(p.detach()).reshape(1)
+        info = {
+            "model_class": f"{type(base).__module__}.{type(base).__name__}",
+            "network_class": f"{type(network).__module__}.{type(network).__name__}",
+            "latent_format": type(base.latent_format).__name__,
+            "unet_config": {k: v for k, v in base.model_config.unet_config.items()
+                            if isinstance(v, (bool, int, float, str))},
+            "parameters": sum(dtypes.values()),
+            "parameter_dtypes": dtypes,
+        }
+        write_record(name, square_sums, info)
+        return io.NodeOutput()
+
+
+def square_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of squares of a tensor's values: one float64 dot (fp32 sums of millions of values are off by 1e-4)."""
+    flat = tensor.reshape(-1).double()
+    return torch.dot(flat, flat)
+
+
 # --------------------------------------------------------------------------- model files
 
 
@@ -387,5 +433,5 @@ def link_or_copy(source: str, destination: str) -> None:
 
 PROBE_NODES = [
     PiDTestRecordModel, PiDTestRecordDecoder, PiDTestSlowDecoder, PiDTestOutOfMemoryDecoder, PiDTestSave,
-    PiDTestTagLatent, PiDTestRandomVAE,
+    PiDTestTagLatent, PiDTestModelInfo, PiDTestRandomVAE,
 ]  # fmt: skip
