@@ -8,6 +8,8 @@
 //   {"cmd": "check", "workflow": {...}}  load a saved (UI-format) workflow as a user would, report
 //       each node (type, registered, has_errors, widgets by name), the missing-nodes dialog, page errors,
 //       and the API prompt from the frontend's own app.graphToPrompt()
+//   {"cmd": "create", "types": ["NodeType", ...]}  add new nodes of these types to an empty graph, as a user
+//       does from the node library, and report their widgets by name
 //   {"cmd": "build", "prompt": {...}, "columns": [[id, ...], ...], "sizes": {id: [w, h or null]},
 //    "colors": {id: [color, bgcolor]}, "widgets": {id: {name: value}}, "models": {id: [{name, url, directory}]},
 //    "note": {"title", "text", "width"}, "thumbnail": "out.jpg"}
@@ -122,6 +124,21 @@ async function check(state, { workflow }) {
   return { ...loaded, dialogs, pageErrors: [...pageErrors] };
 }
 
+async function create(state, { types }) {
+  // new nodes as a user adds them from the node library: created by LiteGraph, added to an empty graph
+  const { page } = state;
+  return page.evaluate(async (names) => {
+    const app = window.app;
+    app.graph.clear();
+    const nodes = names.map((type) => {
+      const node = window.LiteGraph.createNode(type);
+      app.graph.add(node);
+      return { type, widgets: (node.widgets || []).map((w) => [w.name, w.value === undefined ? null : w.value]) };
+    });
+    return { nodes };
+  }, types);
+}
+
 async function build(state, request) {
   const { page } = state;
   await page.evaluate(async (req) => {
@@ -228,7 +245,7 @@ async function main() {
   const state = await openPage(url);
   const out = (obj) => process.stdout.write(JSON.stringify(obj) + '\n');
   out({ ok: true, ready_ms: Date.now() - started });
-  const handlers = { check, build };
+  const handlers = { check, create, build };
   const lines = readline.createInterface({ input: process.stdin });
   for await (const line of lines) {
     if (!line.trim()) continue;

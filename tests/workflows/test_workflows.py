@@ -492,6 +492,14 @@ def test_pid_decode_keeps_its_seed(name, loaded):
     assert not problems, "\n".join(problems)
 
 
+def test_a_new_pid_decode_starts_with_a_fixed_seed(frontend):
+    """The pack's frontend extension (web/) sets a new PiD Decode's seed control to fixed; other nodes keep the
+    frontend's default, and a loaded workflow keeps what it saved (test_the_checks_catch_a_renamed_node_...)."""
+    created = frontend.request("create", types=[f"{PID}Decode", f"{PID}KSamplerEarlyExit"])["nodes"]
+    controls = [dict(node["widgets"])["control_after_generate"] for node in created]
+    assert controls == ["fixed", "randomize"]
+
+
 @workflow_params()
 def test_runs_on_the_cpu(name, loaded, object_info, comfy_server, workflow_files, input_picture_size):
     from PIL import ImageStat
