@@ -39,25 +39,38 @@ def test_core_pid_and_the_pack_live_side_by_side(comfy_server):
 def test_a_pixeldit_clip_feeds_pid_caption_and_core_clip_text_encode(comfy_server):
     """Core's ``pixeldit`` CLIP type loads Gemma-2 for PiD. PiD Caption takes such a CLIP (its weights, in PiD's
     layout, bf16 as the reference) and gives pid_core's encoding exactly; core's CLIPTextEncode on it gives a
-    [1, 300, D] conditioning, which PiD Decode takes as it is (test_caption.py), in fp32 and not the same numbers: 4% apart (relative L2) on this tiny random
+    [1, 300, D] conditioning, which PiD Decode takes as it is, in fp32 and not the same numbers: 4% apart (relative L2) on this tiny random
     Gemma, 1.8% from pid_core's own fp32 encoding, so more than compute precision differs (not traced yet). For
     the empty caption core leaves out PiD's system prompt (BOS plus padding), far from the empty caption PiD was
     trained with. Hence the README's advice: PiD Caption."""
-    from tests.comfy.test_caption import CAPTION, CONFIG, Graph, caption, expected, out, record, save
+    from pid_graphs import save_official
+    from tests.comfy.test_caption import CAPTION, CONFIG, LATENT_SIDE, Graph, caption, decode, expected, out, record, save
+    from tiny import tiny_network
     from tiny_gemma import random_weights, write_comfy
+
+    from pid_core.api import PiDDecoder
 
     path = comfy_server.models_dir / "text_encoders" / "pidtest-current-gemma-2-tiny-it.safetensors"
     write_comfy(path, random_weights(CONFIG, seed=3))
+    pid_name = "pidtest-current/PiD_res2k_sr4x_official_flux_distill_4step/model_ema_bf16.pth"
+    save_official(tiny_network("flux_2k", seed=0), comfy_server.models_dir / "pid" / pid_name)
     g = Graph()
     clip = g.node("PiDTestGemmaCLIP", clip_name=path.name, clip_type="pixeldit")
     for text, name in ((CAPTION, "caption"), ("", "empty")):
         save(g, caption(g, text, clip=clip), f"pixeldit-ours-{name}")
         save(g, g.node("CLIPTextEncode", text=text, clip=out(clip)), f"pixeldit-core-{name}")
+    core_caption = g.node("CLIPTextEncode", text=CAPTION, clip=out(clip))
+    g.node("PiDTestSave", name="pixeldit-core-decoded", image=out(decode(g, core_caption, pid_name=pid_name)))
     comfy_server.run(g)
 
     reference, empty = expected(path, CAPTION, "")
     ours, core = record(comfy_server, "pixeldit-ours-caption")[0], record(comfy_server, "pixeldit-core-caption")[0]
     assert torch.equal(ours, reference)
+    # PiD Decode takes core's conditioning as it is (PiD's layout, though not made by PiD Caption)
+    decoder = PiDDecoder.load(comfy_server.models_dir / "pid" / pid_name)
+    latent = torch.zeros(1, 16, LATENT_SIDE // 8, LATENT_SIDE // 8)
+    expected_image = (decoder.decode(latent, caption=core, steps=1, seed=0) + 1) * 0.5
+    assert torch.equal(record(comfy_server, "pixeldit-core-decoded")[0], expected_image.permute(0, 2, 3, 1))
     assert core.shape == ours.shape
     gap = ((core.float() - ours.float()).norm() / ours.float().norm()).item()
     assert 1e-3 < gap < 0.1, gap  # close, not equal (see above)
