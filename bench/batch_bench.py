@@ -12,9 +12,11 @@ in a temporary folder; or the tests' tiny network), ``--pictures`` random Flux l
 * the batch command with each ``--workers`` count (the cores shared out: 1 worker of 2 threads, 2 of 1 on 2 cores),
   starting its own local Ray.
 
-For the batch it also gives the rate once running: the pictures after the first over the time from the first
-picture's record to the last one's, so Ray's start and the checkpoint load are left out. Every output is compared
-with the decode command's, byte for byte. Random weights: the figures are about time only.
+For the batch it also gives the rate once running (the pictures after the first round, one per worker, over the
+time from the end of that round to the last picture, so Ray's start and the checkpoint loads are left out) and the median time a
+worker spent on one picture. Every output is compared with the decode command's, byte for byte. Random weights: the
+figures are about time only. On a machine shared with other jobs, processes of several threads suffer most from the
+contention (their threads wait for each other), so note the load averages printed before and after.
 """
 
 from __future__ import annotations
@@ -112,13 +114,16 @@ def batch(checkpoint: Path, folder: Path, manifest: Path, pictures: int, steps: 
     records = [json.loads(t) for t in (out / "results.jsonl").read_text().splitlines()]
     if sorted(r["line"] for r in records if r["status"] == "done") != list(range(1, pictures + 1)):
         raise SystemExit(f"the batch with {workers} worker(s) did not decode every picture: {records}")
+    # once running: the pictures after the first round (one per worker) over the time from its end to the last one
     finished = sorted(datetime.fromisoformat(r["finished"]).timestamp() for r in records)
-    running = (pictures - 1) / (finished[-1] - finished[0]) if pictures > 1 and finished[-1] > finished[0] else None
+    first_round = finished[min(workers, pictures) - 1]
+    running = (pictures - workers) / (finished[-1] - first_round) if finished[-1] > first_round else None
     identical = all((out / f"p{i}.png").read_bytes() == (folder / "single" / f"p{i}.png").read_bytes()
                     for i in range(pictures))
     return {"setup": f"batch, {workers} worker(s)", "seconds": seconds, "per_second": pictures / seconds,
             "running_per_second": running, "identical": identical,
-            "decode_seconds": sorted(r["seconds"] for r in records)}
+            "decode_seconds": sorted(r["seconds"] for r in records),
+            "finished_after_start": [round(t - finished[0], 2) for t in finished]}
 
 
 def main() -> None:
@@ -146,12 +151,15 @@ def main() -> None:
         print(f"load average after: {load_average()}")
 
     base = rows[0]["per_second"]
-    print(f"\n{'setup':<42} {'wall s':>8} {'pictures/s':>11} {'vs loop':>8} {'running pictures/s':>19} identical")
+    print(f"\n{'setup':<42} {'wall s':>8} {'pictures/s':>11} {'vs loop':>8} {'running pictures/s':>19} "
+          f"{'s per decode':>13} identical")
     for row in rows:
         running = f"{row['running_per_second']:.3f}" if row.get("running_per_second") else "-"
+        decodes = row.get("decode_seconds")
+        median = f"{decodes[len(decodes) // 2]:.1f}" if decodes else "-"
         same = {True: "yes", False: "NO", None: "-"}[row.get("identical")]
         print(f"{row['setup']:<42} {row['seconds']:>8.1f} {row['per_second']:>11.3f} {row['per_second'] / base:>7.2f}x "
-              f"{running:>19} {same}")
+              f"{running:>19} {median:>13} {same}")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "args": vars(args), "rows": rows}, indent=2))
 

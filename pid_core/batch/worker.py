@@ -102,8 +102,9 @@ class BatchWorker:
         with _captured() as (plan, caught):
             try:
                 picture = with_file_metadata(line.picture)
-                pictures = read_latent_file(picture.latent).shape[0]
-                if complete(job.out, pictures):  # a retry whose first attempt got as far as writing
+                shape = read_latent_file(picture.latent).shape
+                pictures = shape[0] if len(shape) > 1 else 0  # 0: not a batch of latents, the decode says what is wrong
+                if pictures and complete(job.out, pictures):  # e.g. a retry whose first attempt got as far as writing
                     record.update(status="skipped", outputs=job.relative(output_files(job.out, pictures)))
                 else:
                     image = self.decoder.decode(picture)

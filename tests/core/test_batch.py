@@ -195,10 +195,12 @@ def test_results_log_survives_a_cut_last_line(tmp_path):
 def test_worker_decodes_like_the_decode_command_and_records_failures(checkpoint, tmp_path, monkeypatch):
     a, b = latents(tmp_path / "lat", 2)
     write_latent(tmp_path / "lat" / "nan.latent", torch.full((1, 16, 2, 2), float("nan")))
+    write_latent(tmp_path / "lat" / "empty.latent", torch.zeros(0, 16, 2, 2))
     lines = read_manifest(write_manifest(tmp_path / "m.jsonl", [
         {"latent": "lat/p0.latent", "sigma": 0.2, "seed": 5, "out": "a.safetensors"},
         {"latent": "lat/nan.latent"},
         {"latent": "lat/p1.latent", "out": "oom.png"},
+        {"latent": "lat/empty.latent"},
     ]), Defaults(steps=2))
     worker, out_dir = BatchWorker(DecoderSettings(str(checkpoint))), tmp_path / "out"
     done, nan = (worker.run(Job(line, str(out_dir))) for line in lines[:2])
@@ -208,6 +210,8 @@ def test_worker_decodes_like_the_decode_command_and_records_failures(checkpoint,
     assert "whole" in done["plan"] and done["seconds"] > 0 and done["sigma"] == 0.2
     assert nan["status"] == "failed" and "NaN/inf" in nan["error"] and nan["outputs"] == []
     assert worker.run(Job(lines[0], str(out_dir)))["status"] == "skipped"  # complete outputs are not decoded again
+    empty = worker.run(Job(lines[3], str(out_dir)))
+    assert empty["status"] == "failed" and "The latent batch is empty" in empty["error"], empty
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
