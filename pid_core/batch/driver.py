@@ -276,7 +276,7 @@ def _schedule(ray, pool: list, todo: list[Line], out_dir: Path, log: ResultsLog,
                 else:
                     finished.append((line, attempt, _failed(
                         f"The worker decoding this picture died {attempt} times (killed, out of system memory, or "
-                        "crashed); see the Ray worker logs (/tmp/ray/session_latest/logs on its machine).")))
+                        "crashed); see the Ray worker logs in Ray's session folder on its machine.")))
             except ray.exceptions.RayError as err:  # not raised by the worker's own code, which records its errors
                 idle.append(worker)
                 finished.append((line, attempt, _failed(str(err).strip().splitlines()[-1])))
