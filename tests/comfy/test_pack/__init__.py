@@ -124,44 +124,54 @@ class PiDTestTinyFluxModel(io.ComfyNode):
         return io.NodeOutput(build_model_patcher(comfy.supported_models.Flux(unet_config), seed))
 
 
-class PiDTestTinySDXLModel(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="PiDTestTinySDXLModel",
-            display_name="PiD Test: Tiny SDXL Model",
-            category=CATEGORY,
-            description="A real comfy.model_base.SDXL (EPS prediction, 4-channel SDXL latent) with two "
-            "levels of 64/128 channels and seeded random weights. For tests only.",
-            inputs=[io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the random weights.")],
-            outputs=[io.Model.Output()],
-        )
+def tiny_model_node(node_id: str, display_name: str, description: str, model_config: type, unet_config: dict):
+    """A test node whose MODEL is ``model_config(unet_config)``'s real ComfyUI model with seeded random weights."""
 
-    @classmethod
-    def execute(cls, seed: int) -> io.NodeOutput:
-        # The shape of ComfyUI's SDXL config (comfy/model_detection.py), shrunk. model_channels is 64
-        # because supported_models.BASE fixes num_head_channels at 64.
-        unet_config = {
-            "use_checkpoint": False,
-            "image_size": 32,
-            "in_channels": 4,
-            "out_channels": 4,
-            "model_channels": 64,
-            "num_res_blocks": [1, 1],
-            "channel_mult": [1, 2],
-            "transformer_depth": [0, 1],
-            "transformer_depth_output": [0, 0, 1, 1],
-            "transformer_depth_middle": 1,
-            "use_spatial_transformer": True,
-            "use_linear_in_transformer": True,
-            "legacy": False,
-            "context_dim": 64,
-            "num_classes": "sequential",
-            "adm_in_channels": 64 + SDXL_SIZE_EMBEDDING,
-            "use_temporal_attention": False,
-            "use_temporal_resblock": False,
-        }
-        return io.NodeOutput(build_model_patcher(comfy.supported_models.SDXL(unet_config), seed))
+    class TinyModel(io.ComfyNode):
+        @classmethod
+        def define_schema(cls) -> io.Schema:
+            return io.Schema(
+                node_id=node_id, display_name=display_name, category=CATEGORY, description=description,
+                inputs=[io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the random weights.")],
+                outputs=[io.Model.Output()],
+            )
+
+        @classmethod
+        def execute(cls, seed: int) -> io.NodeOutput:
+            return io.NodeOutput(build_model_patcher(model_config(dict(unet_config)), seed))
+
+    TinyModel.__name__ = TinyModel.__qualname__ = node_id
+    return TinyModel
+
+
+# The shape of ComfyUI's SDXL config (comfy/model_detection.py), shrunk. model_channels is 64 because
+# supported_models.BASE fixes num_head_channels at 64.
+SDXL_UNET = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 64,
+    "num_res_blocks": [1, 1],
+    "channel_mult": [1, 2],
+    "transformer_depth": [0, 1],
+    "transformer_depth_output": [0, 0, 1, 1],
+    "transformer_depth_middle": 1,
+    "use_spatial_transformer": True,
+    "use_linear_in_transformer": True,
+    "legacy": False,
+    "context_dim": 64,
+    "num_classes": "sequential",
+    "adm_in_channels": 64 + SDXL_SIZE_EMBEDDING,
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+PiDTestTinySDXLModel = tiny_model_node(
+    "PiDTestTinySDXLModel", "PiD Test: Tiny SDXL Model",
+    "A real comfy.model_base.SDXL (EPS prediction, 4-channel SDXL latent) with two levels of 64/128 channels and "
+    "seeded random weights. For tests only.",
+    comfy.supported_models.SDXL, SDXL_UNET,
+)
 
 
 def conditioning_dims(model: comfy.model_patcher.ModelPatcher) -> tuple[int, int]:

@@ -17,7 +17,7 @@ from comfy_api.latest import io
 
 import comfy.supported_models
 
-from . import build_model_patcher
+from . import SDXL_UNET, tiny_model_node
 from .probes import PiDDecoderType, pack_module, probed_decoder
 
 CATEGORY = "PiD/testing"
@@ -81,52 +81,22 @@ class PiDTestCaption(io.ComfyNode):
         return io.NodeOutput([[caption, {"pid_caption": True, negative_key: negative}]])
 
 
-class PiDTestTinySD15Model(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="PiDTestTinySD15Model",
-            display_name="PiD Test: Tiny SD1.5 Model",
-            category=CATEGORY,
-            description="A real SD1.5 model (comfy.supported_models.SD15: EPS prediction, the SD15 latent format, 4 "
-            "channels) with two levels of 64/128 channels and seeded random weights. For tests only.",
-            inputs=[io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the random weights.")],
-            outputs=[io.Model.Output()],
-        )
-
-    @classmethod
-    def execute(cls, seed: int) -> io.NodeOutput:
-        # ComfyUI's SD1.5 config (comfy/model_detection.py), shrunk like the test pack's SDXL
-        unet_config = {
-            "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 64,
-            "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [0, 1],
-            "transformer_depth_output": [0, 0, 1, 1], "transformer_depth_middle": 1, "use_spatial_transformer": True,
-            "use_linear_in_transformer": False, "legacy": False, "context_dim": 64, "adm_in_channels": None,
-            "use_temporal_attention": False, "use_temporal_resblock": False,
-        }  # fmt: skip
-        return io.NodeOutput(build_model_patcher(comfy.supported_models.SD15(unet_config), seed))
-
-
-class PiDTestTinyWanModel(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="PiDTestTinyWanModel",
-            display_name="PiD Test: Tiny Wan 2.1 Video Model",
-            category=CATEGORY,
-            description="A real Wan 2.1 text-to-video model (comfy.supported_models.WAN21_T2V: the Wan21 latent format "
-            "it shares with Qwen-Image) with one 64-wide block and seeded random weights. For tests only.",
-            inputs=[io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the random weights.")],
-            outputs=[io.Model.Output()],
-        )
-
-    @classmethod
-    def execute(cls, seed: int) -> io.NodeOutput:
-        unet_config = {
-            "image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "in_dim": 16, "dim": 64,
-            "ffn_dim": 128, "freq_dim": 32, "text_dim": 64, "out_dim": 16, "num_heads": 2, "num_layers": 1,
-        }  # fmt: skip
-        return io.NodeOutput(build_model_patcher(comfy.supported_models.WAN21_T2V(unet_config), seed))
+# ComfyUI's SD1.5 config (comfy/model_detection.py), shrunk like the test pack's SDXL
+PiDTestTinySD15Model = tiny_model_node(
+    "PiDTestTinySD15Model", "PiD Test: Tiny SD1.5 Model",
+    "A real SD1.5 model (comfy.supported_models.SD15: EPS prediction, the SD15 latent format, 4 channels) with two "
+    "levels of 64/128 channels and seeded random weights. For tests only.",
+    comfy.supported_models.SD15,
+    {**SDXL_UNET, "use_linear_in_transformer": False, "num_classes": None, "adm_in_channels": None},
+)
+PiDTestTinyWanModel = tiny_model_node(
+    "PiDTestTinyWanModel", "PiD Test: Tiny Wan 2.1 Video Model",
+    "A real Wan 2.1 text-to-video model (comfy.supported_models.WAN21_T2V: the Wan21 latent format it shares with "
+    "Qwen-Image) with one 64-wide block and seeded random weights. For tests only.",
+    comfy.supported_models.WAN21_T2V,
+    {"image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "in_dim": 16, "dim": 64, "ffn_dim": 128,
+     "freq_dim": 32, "text_dim": 64, "out_dim": 16, "num_heads": 2, "num_layers": 1},
+)
 
 
 class PiDTestGuardDecoder(io.ComfyNode):
