@@ -12,8 +12,6 @@ Gemma-2 (loaded by the CLIP's own patcher, not copied).
 from __future__ import annotations
 
 import logging
-import warnings
-from contextlib import contextmanager
 
 import torch
 from comfy_api.latest import io
@@ -33,7 +31,7 @@ from ..pid_core.captions import (
 )
 from ..pid_core.download import GEMMA_FILES
 from ..pid_core.gemma import TOKENIZER_KEY, build_gemma, gemma_weights_from_state_dict, read_gemma
-from .common import CATEGORY, NODE_PREFIX
+from .common import CATEGORY, NODE_PREFIX, reported_warnings
 
 log = logging.getLogger("comfyui-pid")
 
@@ -49,16 +47,6 @@ PID_CAPTION_KEY = "pid_caption"  # marks PiD Caption's CONDITIONING
 NEGATIVE_CAPTION_KEY = "pid_negative_caption"
 
 
-@contextmanager
-def _warnings_to_log():
-    """pid_core reports through ``warnings`` (e.g. a base Gemma-2); in ComfyUI they belong in the log."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield
-    for warning in caught:
-        log.warning("PiD Caption: %s", warning.message)
-
-
 def _encode(model, tokenizer: CaptionTokenizer, texts: list[str], device) -> list[torch.Tensor]:
     """Each text on its own (a batch would pad them to one length and change their rounding)."""
     return [encode_captions(model, tokenizer, [text], COMPUTE_DTYPE, device=device).to(mm.intermediate_device())
@@ -68,7 +56,7 @@ def _encode(model, tokenizer: CaptionTokenizer, texts: list[str], device) -> lis
 def _encode_with_file(gemma_name: str, texts: list[str]) -> list[torch.Tensor]:
     """Our encoder on a Gemma-2 file, handed to ComfyUI's model management for the time of the encode."""
     path = folder_paths.get_full_path_or_raise(TEXT_ENCODERS, gemma_name)
-    with _warnings_to_log():
+    with reported_warnings("PiD Caption"):
         weights = read_gemma(path, COMPUTE_DTYPE)
     tokenizer = load_tokenizer(weights)
     model = build_gemma(weights, COMPUTE_DTYPE, "cpu", operations=comfy.ops.manual_cast)
@@ -90,10 +78,9 @@ def default_captions(hidden_size: int) -> tuple[torch.Tensor | None, torch.Tenso
     for name in folder_paths.get_filename_list(TEXT_ENCODERS):
         if name.rsplit("/", 1)[-1] in released:
             path = folder_paths.get_full_path_or_raise(TEXT_ENCODERS, name)
-            with _warnings_to_log():
-                encoder = CaptionEncoder.load(path, dtype=COMPUTE_DTYPE, operations=comfy.ops.manual_cast)
-                if encoder.model.config.hidden_size == hidden_size:
-                    return encoder.empty_caption(), encoder.negative_caption(), f"models/text_encoders/{name}"
+            encoder = CaptionEncoder.load(path, dtype=COMPUTE_DTYPE, operations=comfy.ops.manual_cast)
+            if encoder.model.config.hidden_size == hidden_size:
+                return encoder.empty_caption(), encoder.negative_caption(), f"models/text_encoders/{name}"
     return None, None, None
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import warnings
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +11,6 @@ from PIL import Image
 
 import comfy.model_management as mm
 import comfy.utils
-from server import PromptServer
 
 from ..pid_core.api import decode, guidance_scale, output_shape, plan_decode, sampler_steps
 from ..pid_core.config import LatentSpace, NetworkConfig
@@ -23,7 +20,7 @@ from ..pid_core.teacher import MAX_TEACHER_STEPS, TEACHER_CFG, TEACHER_STEPS
 from ..pid_core.tiling import TILING_MODES
 from . import metadata
 from .caption import NEGATIVE_CAPTION_KEY, PID_CAPTION_KEY, default_captions
-from .common import CATEGORY, NODE_PREFIX, PiDDecoderType
+from .common import CATEGORY, NODE_PREFIX, PiDDecoderType, reported_warnings
 
 log = logging.getLogger("comfyui-pid")
 
@@ -58,23 +55,6 @@ def _caption(conditioning, config: NetworkConfig) -> tuple[torch.Tensor | None, 
         f"Gemma-2 hidden states [B, {layout[0]}, {layout[1]}] in its own layout (a diffusion model's text encoder "
         "gives another); connect PiD Caption, or leave caption unconnected."
     )
-
-
-@contextmanager
-def _warnings_on_node(node_id: str):
-    """pid_core reports through ``warnings``: each goes to the log and, as it happens, onto the node in the UI."""
-    shown: list[str] = []
-
-    def show(message, *_args, **_kwargs) -> None:
-        log.warning("PiD Decode: %s", message)
-        shown.append(str(message))
-        if PromptServer.instance is not None:
-            PromptServer.instance.send_progress_text("\n".join(shown), node_id)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = show
-        yield
 
 
 def _preview(x0: torch.Tensor) -> tuple[str, Image.Image, int]:
@@ -189,7 +169,8 @@ class PiDDecode(io.ComfyNode):
         embedding, negative = _caption(caption, patcher.model.config)
         distilled, cfg = pid_decoder.info.distilled, cfg or None
         if embedding is None:
-            embedding, negative, source = default_captions(patcher.model.config.txt_embed_dim)
+            with reported_warnings("PiD Decode", cls.hidden.unique_id):
+                embedding, negative, source = default_captions(patcher.model.config.txt_embed_dim)
             if source is not None:
                 log.info("PiD Decode: no caption connected; the empty caption from %s", source)
                 if negative is None and not distilled:
@@ -211,7 +192,7 @@ class PiDDecode(io.ComfyNode):
             mm.throw_exception_if_processing_interrupted()
             pbar.update_absolute(pbar.current, pbar.total, _preview(x0))
 
-        with _warnings_on_node(cls.hidden.unique_id):
+        with reported_warnings("PiD Decode", cls.hidden.unique_id):
             image = decode(
                 patcher.model, samples, space=space, sigma=sigmas, caption=embedding, negative_caption=negative,
                 cfg=cfg,
