@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,7 @@ import comfy.model_management as mm
 import comfy.utils
 
 from ..pid_core.api import decode, guidance_scale, output_shape, plan_decode, sampler_steps
+from ..pid_core.captions import lacks_system_prompt
 from ..pid_core.config import LatentSpace, NetworkConfig
 from ..pid_core.memory import SAFETY
 from ..pid_core.sampler import MAX_STEPS, STUDENT_STEPS
@@ -49,12 +51,31 @@ def _caption(conditioning, config: NetworkConfig) -> tuple[torch.Tensor | None, 
     if embedding.ndim == 3 and list(embedding.shape[1:]) == layout:
         log.info("PiD Decode: the caption did not come from PiD Caption, but it has PiD's layout %s (e.g. ComfyUI's "
                  "pixeldit text encoder); it is used as it is.", layout)
+        if lacks_system_prompt(embedding):
+            warnings.warn(
+                "the caption is an empty text encoded without PiD's system prompt (as ComfyUI's pixeldit text encoder "
+                "does), not the empty caption PiD was trained with, so the picture loses detail: leave caption "
+                "unconnected, or use PiD Caption with empty text.", stacklevel=2)
         return embedding, None
     raise ValueError(
         f"PiD Decode: the caption is not a PiD caption: it is a {tuple(embedding.shape)} conditioning, while PiD reads "
         f"Gemma-2 hidden states [B, {layout[0]}, {layout[1]}] in its own layout (a diffusion model's text encoder "
         "gives another); connect PiD Caption, or leave caption unconnected."
     )
+
+
+def _uncaptioned(
+    config: NetworkConfig, distilled: bool, cfg: float | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None, float | None]:
+    """The empty caption, the negative prompt's embedding and the guidance for a decode with no caption connected
+    (see ``default_captions``): without that negative embedding an undistilled checkpoint decodes unguided."""
+    embedding, negative, source = default_captions(config.txt_embed_dim)
+    if source is not None:
+        log.info("PiD Decode: no caption connected; the empty caption from %s", source)
+        if negative is None and not distilled:
+            log.info("PiD Decode: without the negative prompt's embedding the decode runs without guidance")
+            cfg = 1.0
+    return embedding, negative, cfg
 
 
 def _preview(x0: torch.Tensor) -> tuple[str, Image.Image, int]:
@@ -162,49 +183,41 @@ class PiDDecode(io.ComfyNode):
         cls, pid_decoder, latent, size, steps, seed, sigma, latent_space, caption=None, tiling="auto", tile_size=0,
         cfg=0.0,
     ) -> io.NodeOutput:
-        sigmas, space = _latent_inputs(latent, sigma, latent_space)
-        samples, tile_size = latent["samples"], tile_size or None
-        patcher = pid_decoder.patcher
-        height, width = output_shape(patcher.model, samples, space=space, size=_size(size), info=pid_decoder.info)
-        embedding, negative = _caption(caption, patcher.model.config)
-        distilled, cfg = pid_decoder.info.distilled, cfg or None
-        if embedding is None:
-            with reported_warnings("PiD Decode", cls.hidden.unique_id):
-                embedding, negative, source = default_captions(patcher.model.config.txt_embed_dim)
-            if source is not None:
-                log.info("PiD Decode: no caption connected; the empty caption from %s", source)
-                if negative is None and not distilled:
-                    log.info("PiD Decode: without the negative prompt's embedding the decode runs without guidance")
-                    cfg = 1.0
-        branches = 1 if guidance_scale(cfg, distilled, embedding is not None) == 1 else 2
-        needed = _memory_to_ask(patcher, height, width, samples.shape[0] * branches, tiling, tile_size)
-        mm.load_models_gpu([patcher], memory_required=needed)
-        device = patcher.load_device
-        steps = sampler_steps(steps, distilled)
-        pbar = comfy.utils.ProgressBar(steps)
-
-        def network_call(step: int, done: int, calls: int) -> None:
-            # one tick per network call (a group of pictures or of tiles), so long steps show progress too
-            mm.throw_exception_if_processing_interrupted()
-            pbar.update_absolute(step * calls + done, steps * calls)
-
-        def step_done(step: int, total: int, x0: torch.Tensor) -> None:
-            mm.throw_exception_if_processing_interrupted()
-            pbar.update_absolute(pbar.current, pbar.total, _preview(x0))
-
+        # one reporter for the whole run: every warning (caption, size, memory plan) stays on the node together
         with reported_warnings("PiD Decode", cls.hidden.unique_id):
+            sigmas, space = _latent_inputs(latent, sigma, latent_space)
+            samples, tile_size = latent["samples"], tile_size or None
+            patcher = pid_decoder.patcher
+            height, width = output_shape(patcher.model, samples, space=space, size=_size(size), info=pid_decoder.info)
+            distilled, cfg = pid_decoder.info.distilled, cfg or None
+            embedding, negative = _caption(caption, patcher.model.config)
+            if embedding is None:
+                embedding, negative, cfg = _uncaptioned(patcher.model.config, distilled, cfg)
+            branches = 1 if guidance_scale(cfg, distilled, embedding is not None) == 1 else 2
+            needed = _memory_to_ask(patcher, height, width, samples.shape[0] * branches, tiling, tile_size)
+            mm.load_models_gpu([patcher], memory_required=needed)
+            device = patcher.load_device
+            steps = sampler_steps(steps, distilled)
+            pbar = comfy.utils.ProgressBar(steps)
+
+            def network_call(step: int, done: int, calls: int) -> None:
+                # one tick per network call (a group of pictures or of tiles), so long steps show progress too
+                mm.throw_exception_if_processing_interrupted()
+                pbar.update_absolute(step * calls + done, steps * calls)
+
+            def step_done(step: int, total: int, x0: torch.Tensor) -> None:
+                mm.throw_exception_if_processing_interrupted()
+                pbar.update_absolute(pbar.current, pbar.total, _preview(x0))
+
             image = decode(
                 patcher.model, samples, space=space, sigma=sigmas, caption=embedding, negative_caption=negative,
-                cfg=cfg,
-                size=_size(size), steps=steps, seed=seed, info=pid_decoder.info, callback=step_done,
+                cfg=cfg, size=_size(size), steps=steps, seed=seed, info=pid_decoder.info, callback=step_done,
                 device=device, tiling=tiling, tile_size=tile_size,
                 memory_budget=int(mm.get_free_memory(device) * SAFETY), call_callback=network_call,
                 attention=pid_decoder.attention,
             )
-        if (crop := latent.get(metadata.CROP_KEY)) is not None:
-            log.info(
-                "PiD Decode: %dx%d output of the centred %dx%d crop of a %dx%d picture", image.shape[-1], image.shape[-2],
-                crop["width"], crop["height"], crop["source_width"], crop["source_height"],
-            )
-        pixels = ((image + 1) * 0.5).permute(0, 2, 3, 1).to(mm.intermediate_device())
-        return io.NodeOutput(pixels)
+            if (crop := latent.get(metadata.CROP_KEY)) is not None:
+                log.info("PiD Decode: %dx%d output of the centred %dx%d crop of a %dx%d picture", image.shape[-1],
+                         image.shape[-2], crop["width"], crop["height"], crop["source_width"], crop["source_height"])
+            pixels = ((image + 1) * 0.5).permute(0, 2, 3, 1).to(mm.intermediate_device())
+            return io.NodeOutput(pixels)

@@ -186,6 +186,18 @@ def encode_captions(
     return keep_positions(hidden).cpu()
 
 
+
+def lacks_system_prompt(caption: torch.Tensor, tolerance: float = 1e-3) -> bool:
+    """Whether a caption embedding [B, 300, hidden] encodes an empty text without the system prompt: BOS, then one
+    vector repeated, as an encoder gives for BOS followed by padding alone (ComfyUI core's ``pixeldit`` encoding of
+    "": each padding position sees BOS only). PiD's layout never repeats one vector there: position 1 holds the
+    system prompt's last token, the padding after it sees the whole prompt from other positions. An all-zero
+    caption is not taken for one."""
+    rows = caption[:, 1:].float()
+    mean = rows.mean(dim=1, keepdim=True)
+    size, spread = mean.squeeze(1).norm(dim=-1), (rows - mean).norm(dim=-1).amax(dim=1)  # [B] each
+    return bool(((size > 0) & (spread <= tolerance * size)).any())
+
 # --------------------------------------------------------------------------- identity and cache
 
 
@@ -383,6 +395,7 @@ __all__ = [
     "encode_captions",
     "gemma_identity",
     "keep_positions",
+    "lacks_system_prompt",
     "load_tokenizer",
     "tokenize_captions",
 ]

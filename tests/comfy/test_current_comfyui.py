@@ -36,7 +36,23 @@ def test_core_pid_and_the_pack_live_side_by_side(comfy_server):
     assert "pid" in comfy_server.get_json("/models")  # the pack's
 
 
-def test_a_pixeldit_clip_feeds_pid_caption_and_core_clip_text_encode(comfy_server):
+@pytest.fixture(scope="module")
+def pixeldit_files(comfy_server) -> tuple[Path, str]:
+    """A tiny Gemma-2 in models/text_encoders (for a pixeldit CLIP) and a tiny Flux PiD file in models/pid."""
+    from pid_graphs import save_official
+    from tiny import tiny_network
+    from tiny_gemma import random_weights, write_comfy
+
+    from tests.comfy.test_caption import CONFIG
+
+    path = comfy_server.models_dir / "text_encoders" / "pidtest-current-gemma-2-tiny-it.safetensors"
+    write_comfy(path, random_weights(CONFIG, seed=3))
+    pid_name = "pidtest-current/PiD_res2k_sr4x_official_flux_distill_4step/model_ema_bf16.pth"
+    save_official(tiny_network("flux_2k", seed=0), comfy_server.models_dir / "pid" / pid_name)
+    return path, pid_name
+
+
+def test_a_pixeldit_clip_feeds_pid_caption_and_core_clip_text_encode(comfy_server, pixeldit_files):
     """Core's ``pixeldit`` CLIP type loads Gemma-2 for PiD. PiD Caption takes such a CLIP (its weights, in PiD's
     layout, bf16 as the reference) and gives pid_core's encoding exactly; core's CLIPTextEncode on it gives a
     [1, 300, D] conditioning, which PiD Decode takes as it is. Core's numbers differ from the reference's in two
@@ -45,17 +61,11 @@ def test_a_pixeldit_clip_feeds_pid_caption_and_core_clip_text_encode(comfy_serve
     fp32 with norm weights rounded that way gives core's numbers. For the empty caption core leaves out PiD's
     system prompt (BOS plus padding), far from the empty caption PiD was trained with. Hence the README's advice:
     PiD Caption."""
-    from pid_graphs import save_official
-    from tests.comfy.test_caption import CAPTION, CONFIG, LATENT_SIDE, Graph, caption, decode, expected, out, record, save
-    from tiny import tiny_network
-    from tiny_gemma import random_weights, write_comfy
+    from tests.comfy.test_caption import CAPTION, LATENT_SIDE, Graph, caption, decode, expected, out, record, save
 
     from pid_core.api import PiDDecoder
 
-    path = comfy_server.models_dir / "text_encoders" / "pidtest-current-gemma-2-tiny-it.safetensors"
-    write_comfy(path, random_weights(CONFIG, seed=3))
-    pid_name = "pidtest-current/PiD_res2k_sr4x_official_flux_distill_4step/model_ema_bf16.pth"
-    save_official(tiny_network("flux_2k", seed=0), comfy_server.models_dir / "pid" / pid_name)
+    path, pid_name = pixeldit_files
     g = Graph()
     clip = g.node("PiDTestGemmaCLIP", clip_name=path.name, clip_type="pixeldit")
     for text, name in ((CAPTION, "caption"), ("", "empty")):
@@ -81,6 +91,25 @@ def test_a_pixeldit_clip_feeds_pid_caption_and_core_clip_text_encode(comfy_serve
     core_empty = record(comfy_server, "pixeldit-core-empty")[0]
     empty_gap = relative_gap(core_empty, empty)
     assert core_empty.shape == empty.shape and empty_gap > 3 * gap, (empty_gap, gap)  # another text altogether
+
+
+def test_core_encoding_of_an_empty_text_is_decoded_with_a_warning_on_the_node(comfy_server, pixeldit_files):
+    """Core's pixeldit encoding of "" (no system prompt) is not PiD's empty caption: PiD Decode says so on the node
+    and decodes it as it is; core's encoding of a caption decodes with no such warning."""
+    from tests.comfy.test_caption import CAPTION, Graph, decode, out
+
+    path, pid_name = pixeldit_files
+    shown = {}
+    for text in ("", CAPTION):
+        g = Graph()
+        clip = g.node("PiDTestGemmaCLIP", clip_name=path.name, clip_type="pixeldit")
+        node = decode(g, g.node("CLIPTextEncode", text=text, clip=out(clip)), pid_name=pid_name)
+        g.node("PiDTestSave", name="pixeldit-core-warned", image=out(node))
+        entry, texts = comfy_server.run_showing_texts(g)
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        shown[text] = texts.get(node, "")
+    assert "empty text encoded without PiD's system prompt" in shown[""], shown
+    assert "system prompt" not in shown[CAPTION], shown
 
 
 def relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:

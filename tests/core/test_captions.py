@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from pid_core import captions
 from pid_core.__main__ import main
 from pid_core.captions import (
+    CAPTION_LENGTH,
     CHI_PROMPT,
     NEGATIVE_PROMPT,
     CaptionEncoder,
@@ -19,6 +20,7 @@ from pid_core.captions import (
     cached_caption_embedding,
     empty_caption_embedding,
     keep_positions,
+    lacks_system_prompt,
     load_tokenizer,
     tokenize_captions,
 )
@@ -106,6 +108,25 @@ def test_encode_gives_the_kept_final_states(comfy_gemma, tokenizer):
     torch.testing.assert_close(out, direct, rtol=0, atol=0)
     torch.testing.assert_close(encoder.encode("a cat"), out[:1], rtol=0, atol=0)
 
+
+
+def test_an_empty_text_encoded_without_the_system_prompt_is_recognised(comfy_gemma, tokenizer):
+    """BOS then padding alone (ComfyUI core's pixeldit encoding of "") repeats one vector after BOS; PiD's own
+    captions, empty or not, never do, nor does an all-zero caption count."""
+    encoder = CaptionEncoder.load(comfy_gemma)
+    ids = torch.full((1, CAPTION_LENGTH), tokenizer.pad_id)
+    ids[0, 0] = tokenizer.bos_id
+    mask = (ids != tokenizer.pad_id).long()
+    with torch.inference_mode():
+        bos_and_padding = encoder.model(ids, mask)
+    ours = encoder.encode(["", "a cat", LONG])
+    assert lacks_system_prompt(bos_and_padding)
+    assert not any(lacks_system_prompt(c[None]) for c in ours)
+    assert lacks_system_prompt(torch.cat([ours[:1], bos_and_padding]))  # any picture of a batch
+    assert not lacks_system_prompt(torch.zeros_like(bos_and_padding))
+    nearly = bos_and_padding.clone()
+    nearly[0, -1] += 0.01 * nearly[0, -1].norm()  # one padding position off by 1%: not one repeated vector
+    assert not lacks_system_prompt(nearly)
 
 def test_tokenizer_from_embedded_beside_or_named(tmp_path, comfy_gemma):
     assert load_tokenizer(read_gemma(comfy_gemma)).vocab_size == tg.VOCAB
