@@ -8,7 +8,7 @@
 #   links this folder into its custom_nodes as comfyui-pid, installs requirements.txt into its
 #   python if something is missing, copies workflows/*.json into its workflow browser, starts it.
 # Without COMFYUI_DIR: runs scripts/setup_env.sh (local ComfyUI 0.3.75 in .comfyui/, Python in
-#   .venv/) and starts it with its models, outputs and settings in .comfyui/base/.
+#   .venv/) and starts it with its models, outputs and settings in COMFYUI_BASE (default .comfyui/base/).
 #
 # Environment: PORT (default 8188), LISTEN (default 127.0.0.1; 0.0.0.0 exposes it to your network).
 # --cpu is added when the python has no CUDA, ROCm, MPS or XPU device.
@@ -122,7 +122,8 @@ if [ -n "${COMFYUI_DIR:-}" ]; then
 else
   bash "$ROOT/scripts/setup_env.sh"
   COMFY="$ROOT/.comfyui/ComfyUI"
-  BASE="$ROOT/.comfyui/base"
+  BASE=${COMFYUI_BASE:-$ROOT/.comfyui/base}
+  mkdir -p "$BASE" && BASE=$(cd "$BASE" && pwd)  # absolute: ComfyUI runs from its own folder
   PY="$ROOT/.venv/bin/python"
   link_pack "$BASE/custom_nodes"
   make_model_folders "$BASE/models"

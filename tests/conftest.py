@@ -404,6 +404,12 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def comfyui_install() -> tuple[str, Path, Path]:
+    """This leg's ComfyUI: its version, its folder and the python that runs it (for tests that start it their own way)."""
+    return COMFYUI_VERSION, COMFYUI_DIR, VENV_PYTHON
+
+
+@pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory) -> ComfyClient:
     """A running ComfyUI with the pack and the test pack loaded, one for the session; see :class:`ComfyClient`."""
     base = tmp_path_factory.mktemp("comfyui-base")
