@@ -23,6 +23,7 @@ SCRIPT = REPO_ROOT / "scripts" / "run_comfyui.sh"
 WORKFLOWS = sorted(p.name for p in (REPO_ROOT / "workflows").glob("*.json"))
 MODEL_FOLDERS = ("pid", "pid/rae", "vae", "diffusion_models", "checkpoints", "text_encoders")
 PACK_NODES = 7
+SCRIPT_SETTINGS = ("PORT", "LISTEN", "COMFYUI_DIR", "COMFYUI_PYTHON", "COMFYUI_BASE")
 START_TIMEOUT = 180  # s: the setup check, then ComfyUI's start on a loaded 2-core machine
 
 
@@ -30,6 +31,11 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _without_script_settings(environ) -> dict[str, str]:
+    """The environment minus the script's own settings, which a developer may have exported for their ComfyUI."""
+    return {k: v for k, v in environ.items() if k not in SCRIPT_SETTINGS}
 
 
 class QuickStart:
@@ -40,7 +46,8 @@ class QuickStart:
         self.log = log
         with open(log, "wb") as out:
             self.process = subprocess.Popen(
-                ["bash", str(SCRIPT)], env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
+                ["bash", str(SCRIPT)], env={**_without_script_settings(os.environ), **env}, stdout=out,
+                stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )
 
