@@ -186,7 +186,6 @@ def encode_captions(
     return keep_positions(hidden).cpu()
 
 
-
 def lacks_system_prompt(caption: torch.Tensor, tolerance: float = 1e-3) -> bool:
     """Whether a caption embedding [B, 300, hidden] encodes an empty text without the system prompt: BOS, then one
     vector repeated, as an encoder gives for BOS followed by padding alone (ComfyUI core's ``pixeldit`` encoding of
@@ -194,9 +193,11 @@ def lacks_system_prompt(caption: torch.Tensor, tolerance: float = 1e-3) -> bool:
     system prompt's last token, the padding after it sees the whole prompt from other positions. An all-zero
     caption is not taken for one."""
     rows = caption[:, 1:].float()
-    mean = rows.mean(dim=1, keepdim=True)
-    size, spread = mean.squeeze(1).norm(dim=-1), (rows - mean).norm(dim=-1).amax(dim=1)  # [B] each
+    mean = rows.mean(dim=1)
+    spread = (rows - mean[:, None]).norm(dim=-1).amax(dim=1)
+    size = mean.norm(dim=-1)
     return bool(((size > 0) & (spread <= tolerance * size)).any())
+
 
 # --------------------------------------------------------------------------- identity and cache
 

@@ -128,6 +128,7 @@ def core_like_encoding(path: Path, text: str) -> torch.Tensor:
         norm.weight = torch.nn.Parameter(scale - 1)
     return encoder.encode(text)
 
+
 # --- one PiD file in models/diffusion_models, for core and for the pack ------------------------------------------
 
 KEYS = Path(__file__).resolve().parents[1] / "data" / "checkpoint_keys" / "flux2_2kto4k_v1pt5.tsv"

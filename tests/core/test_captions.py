@@ -109,7 +109,6 @@ def test_encode_gives_the_kept_final_states(comfy_gemma, tokenizer):
     torch.testing.assert_close(encoder.encode("a cat"), out[:1], rtol=0, atol=0)
 
 
-
 def test_an_empty_text_encoded_without_the_system_prompt_is_recognised(comfy_gemma, tokenizer):
     """BOS then padding alone (ComfyUI core's pixeldit encoding of "") repeats one vector after BOS; PiD's own
     captions, empty or not, never do, nor does an all-zero caption count."""
@@ -127,6 +126,7 @@ def test_an_empty_text_encoded_without_the_system_prompt_is_recognised(comfy_gem
     nearly = bos_and_padding.clone()
     nearly[0, -1] += 0.01 * nearly[0, -1].norm()  # one padding position off by 1%: not one repeated vector
     assert not lacks_system_prompt(nearly)
+
 
 def test_tokenizer_from_embedded_beside_or_named(tmp_path, comfy_gemma):
     assert load_tokenizer(read_gemma(comfy_gemma)).vocab_size == tg.VOCAB
