@@ -44,7 +44,6 @@ import argparse
 import datetime
 import hashlib
 import json
-import math
 import os
 import shutil
 import signal
@@ -66,6 +65,9 @@ from safetensors.torch import load_file, save_file
 
 from pid_core.api import PiDDecoder
 from pid_core.latents import latent_format
+
+sys.path.insert(0, str(ROOT / "tests" / "core"))
+from tiny import random_official_weights  # noqa: E402 (the tests' random checkpoints in the official layout)
 
 COMFYUI_DIR = ROOT / ".comfyui-0.33" / "ComfyUI"
 SERVER_PYTHON = ROOT / ".venv-comfyui-0.33" / "bin" / "python"
@@ -102,30 +104,9 @@ SETUPS = (
 # --------------------------------------------------------------------------- the random checkpoint
 
 
-def keys_table() -> list[tuple[str, list[int]]]:
-    rows = []
-    for line in KEYS.read_text().splitlines():
-        if line.startswith(("#", "key\t")) or not line.strip():
-            continue
-        key, shape, _ = line.split("\t")
-        rows.append((key, json.loads(shape)))
-    return rows
-
-
-def random_tensor(key: str, shape: list[int], generator: torch.Generator) -> torch.Tensor:
-    """Weights of a realistic scale: fan-in normal matrices, unit-ish norms, small biases, gates' alpha near 5."""
-    tensor = torch.empty(shape, dtype=torch.bfloat16)
-    if tensor.ndim >= 2:
-        return tensor.normal_(0.0, 1.0 / math.sqrt(tensor[0].numel()), generator=generator)
-    if key.endswith("log_alpha"):
-        return tensor.normal_(math.log(5.0), 0.1, generator=generator)
-    if key.endswith("bias"):
-        return tensor.normal_(0.0, 0.02, generator=generator)
-    return tensor.normal_(1.0, 0.1, generator=generator)
-
-
 def checkpoint() -> Path:
-    """The random full-size Flux 2k file in the cache, written when missing or made by another recipe."""
+    """The random full-size Flux 2k file in the cache (tests/core/tiny.py's random_official_weights), written when
+    missing or made by another recipe."""
     path = CACHE / CHECKPOINT
     recipe = {"keys_sha256": hashlib.sha256(KEYS.read_bytes()).hexdigest(), "seed": WEIGHT_SEED, "rule": 1}
     stamp = path.with_suffix(".json")
@@ -133,8 +114,7 @@ def checkpoint() -> Path:
         return path
     print(f"writing the random checkpoint {path} (2.7 GB, once) ...", flush=True)
     CACHE.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(WEIGHT_SEED)
-    weights = {key: random_tensor(key, shape, generator) for key, shape in keys_table()}
+    weights = random_official_weights(KEYS, WEIGHT_SEED)
     save_file(weights, str(path) + ".tmp")
     del weights
     os.replace(str(path) + ".tmp", path)

@@ -3,8 +3,6 @@ leg of ``scripts/test.sh`` (``PID_COMFYUI=0.33``); on 0.3.75 there is nothing to
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -138,34 +136,14 @@ FLUX2_LATENT_PX = 16  # one Flux.2 latent cell; PiD draws it at 4x: 64 px
 CAPTION_WIDTH = 2304  # Gemma-2-2B's hidden size, the caption width of every released checkpoint
 
 
-def random_official_weights(keys_file: Path, seed: int) -> dict[str, torch.Tensor]:
-    """bf16 tensors for every key and shape of a released checkpoint (a checkpoint_keys table), at sizes that keep
-    activations O(1) (the rule of tests/core/tiny.py's randomize_)."""
-    generator = torch.Generator().manual_seed(seed)
-    weights = {}
-    for line in keys_file.read_text().splitlines():
-        if line.startswith(("#", "key\t")):
-            continue
-        key, shape, _ = line.split("\t")
-        tensor = torch.empty(json.loads(shape), dtype=torch.bfloat16)
-        if tensor.ndim >= 2:
-            tensor.normal_(0, 1 / math.sqrt(tensor[0].numel()), generator=generator)
-        elif key.endswith("log_alpha"):
-            tensor.normal_(math.log(5), 0.1, generator=generator)
-        elif key.endswith("bias"):
-            tensor.normal_(0, 0.02, generator=generator)
-        else:
-            tensor.normal_(1, 0.1, generator=generator)
-        weights[key] = tensor
-    return weights
-
-
 @pytest.fixture(scope="module")
 def full_size_pid_file(comfy_server) -> Iterator[dict]:
     """A random full-size v1.5 Flux.2 PiD checkpoint in the official key layout (bf16, 2.8 GB, about 20 s to write) in
     models/diffusion_models, once per session (this module runs once) and removed after it: core builds its PiD
     network with the released widths and depth (14 patch blocks) whatever the file holds, so no tiny network can
     stand in. Yields its path and each weight's sum of squares."""
+    from tiny import random_official_weights
+
     path = comfy_server.models_dir / "diffusion_models" / FULL_SIZE_PID
     weights = random_official_weights(KEYS, seed=0)
     save_file(weights, str(path))

@@ -1,12 +1,15 @@
-"""Tiny PiD networks for tests: released structures at toy widths, with seeded random weights.
+"""Tiny PiD networks for tests: released structures at toy widths, with seeded random weights; and random
+full-size checkpoints in a released key layout, by the same rule, where nothing smaller stands in.
 
 The widths match the reference runner's "tiny" settings, so golden files made by it load here.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -44,6 +47,28 @@ def randomize_(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             else:
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
     return net
+
+
+def random_official_weights(keys_file: Path, seed: int) -> dict[str, torch.Tensor]:
+    """bf16 tensors for every key and shape of a released checkpoint (a ``tests/data/checkpoint_keys`` table), drawn
+    by :func:`randomize_`'s rule, one generator in the table's order."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for line in keys_file.read_text().splitlines():
+        if line.startswith(("#", "key\t")) or not line.strip():
+            continue
+        key, shape, _ = line.split("\t")
+        tensor = torch.empty(json.loads(shape), dtype=torch.bfloat16)
+        if tensor.ndim >= 2:
+            tensor.normal_(0, 1 / math.sqrt(tensor[0].numel()), generator=generator)
+        elif key.endswith("log_alpha"):
+            tensor.normal_(math.log(5), 0.1, generator=generator)
+        elif key.endswith("bias"):
+            tensor.normal_(0, 0.02, generator=generator)
+        else:
+            tensor.normal_(1, 0.1, generator=generator)
+        weights[key] = tensor
+    return weights
 
 
 def tiny_network(name: str, seed: int = 0) -> PiDNetwork:
